@@ -1,0 +1,42 @@
+# From the final latent to the mp4: VAE decode to lossless frames, then H.264.
+
+
+rule decode:
+    input:
+        latent=row_dir("latent.safetensors"),
+        vae=MODELS["vae"],
+    output:
+        frames=frames_output(),
+    params:
+        video=video_params,
+        device=config["device"],
+        vae_dtype=config["vae_dtype"],
+    log:
+        log_path("decode"),
+    benchmark:
+        benchmark_path("decode")
+    resources:
+        gpu=1,
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/decode.py"
+
+
+rule encode_video:
+    input:
+        frames=row_dir("frames"),
+    output:
+        row_dir("video.mp4"),
+    params:
+        video=video_params,
+        fps=config["video"]["fps"],
+        quality=config["video"]["quality"],
+    log:
+        log_path("encode_video"),
+    benchmark:
+        benchmark_path("encode_video")
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/encode_video.py"

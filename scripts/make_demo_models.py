@@ -1,0 +1,12 @@
+from turbowan.demo import make_demo_models
+from turbowan.jobs import run_stage
+
+run_stage(
+    "make_demo_models", snakemake.log[0], make_demo_models,
+    high=snakemake.output.high,
+    low=snakemake.output.low,
+    vae=snakemake.output.vae,
+    text_encoder=snakemake.output.text_encoder,
+    tokenizer=snakemake.output.tokenizer,
+    seed=snakemake.params.seed,
+)

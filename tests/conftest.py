@@ -1,0 +1,55 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """The demo's tiny models, built once per test session in the official layouts."""
+    from turbowan.demo import make_demo_models
+
+    folder = tmp_path_factory.mktemp("models")
+    paths = {
+        "high": str(folder / "high.safetensors"),
+        "low": str(folder / "low.safetensors"),
+        "vae": str(folder / "vae.safetensors"),
+        "text_encoder": str(folder / "umt5.safetensors"),
+        "tokenizer": str(folder / "tokenizer"),
+    }
+    make_demo_models(**paths, seed=0)
+    return paths
+
+
+def write_image(path: Path, width: int, height: int, seed: int = 0, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    Image.fromarray(rng.integers(0, 256, (height, width, channels), dtype=np.uint8), mode).save(path)
+    return path
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` with the test's virtual environment first on PATH."""
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "LC_ALL": "C.UTF-8"}
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "1", "--resources", "gpu=1", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def copy_demo_images(tmp_path):
+    def copy(dest: Path) -> Path:
+        shutil.copytree(REPO / "config" / "demo" / "images", dest)
+        return dest
+
+    return copy

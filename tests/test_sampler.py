@@ -1,0 +1,93 @@
+"""The split sampler (two jobs, state on disk) equals the single-process loop, bit for bit."""
+
+import pytest
+import torch
+
+from turbowan import stages
+from turbowan.artifacts import ArtifactError, load_artifact
+from turbowan.models import load_transformer
+from turbowan.sampler import dit_velocity, rcm_step, sample_single_process
+from turbowan.sizes import latent_shape
+
+VIDEO = {"width": 48, "height": 32, "num_frames": 9}
+
+
+@pytest.fixture(scope="module")
+def conditions(demo_models, tmp_path_factory):
+    from tests.conftest import write_image
+
+    folder = tmp_path_factory.mktemp("cond")
+    image = write_image(folder / "in.png", 60, 40, seed=3)
+    text, cond = str(folder / "text.safetensors"), str(folder / "cond.safetensors")
+    stages.encode_prompt("a red car, in the rain", demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu")
+    stages.encode_image(str(image), demo_models["vae"], cond, VIDEO, "cpu")
+    return text, cond
+
+
+def single_process(demo_models, text, cond, sampling):
+    text_emb = load_artifact(text, "encode_prompt", {"text": (None, torch.bfloat16)})[0]["text"]
+    y = load_artifact(cond, "encode_image", {"y": (None, torch.bfloat16)})[0]["y"]
+    high = load_transformer(demo_models["high"], torch.device("cpu"))
+    low = load_transformer(demo_models["low"], torch.device("cpu"))
+    return sample_single_process(
+        dit_velocity(high, text_emb, y, torch.bfloat16), dit_velocity(low, text_emb, y, torch.bfloat16),
+        latent_shape(**VIDEO), sampling["seed"], sampling["num_steps"], sampling["sigma_max"],
+        sampling["boundary"], sampling["ode"], "cpu",
+    )
+
+
+@pytest.mark.parametrize("ode", [False, True], ids=["sde", "ode"])
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 4])
+def test_split_equals_single_process(demo_models, conditions, tmp_path, ode, num_steps):
+    text, cond = conditions
+    sampling = {"seed": 1234, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": ode}
+    boundary, latent = str(tmp_path / "boundary.safetensors"), str(tmp_path / "latent.safetensors")
+    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
+    stages.sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cpu")
+    split = load_artifact(latent, "sample_low", {"x": (latent_shape(**VIDEO), torch.float64)})[0]["x"]
+
+    reference = single_process(demo_models, text, cond, sampling)
+    assert reference.dtype == torch.float64
+    assert torch.equal(split, reference)
+    # and the network really changed the state (the test would be empty otherwise)
+    noise_only = single_process(demo_models, text, cond, {**sampling, "seed": 1235})
+    assert not torch.equal(split, noise_only)
+
+
+@pytest.mark.parametrize("num_steps, low_loaded", [(1, False), (2, False), (3, True), (4, True)])
+def test_low_expert_loaded_only_when_it_has_steps(demo_models, conditions, tmp_path, monkeypatch, num_steps, low_loaded):
+    text, cond = conditions
+    sampling = {"seed": 5, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": False}
+    boundary = str(tmp_path / "boundary.safetensors")
+    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
+    loaded = []
+    real = stages.load_transformer
+    monkeypatch.setattr(stages, "load_transformer", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    stages.sample_low(text, cond, boundary, demo_models["low"], str(tmp_path / "latent.safetensors"), sampling, VIDEO, "cpu")
+    assert loaded == ([demo_models["low"]] if low_loaded else [])
+    saved = load_artifact(boundary, "sample_high", {"next_step": ((1,), torch.int64)})[0]
+    assert saved["next_step"].item() == min(num_steps, 2)
+
+
+def test_low_stage_refuses_a_boundary_made_with_other_parameters(demo_models, conditions, tmp_path):
+    text, cond = conditions
+    sampling = {"seed": 5, "num_steps": 4, "sigma_max": 200.0, "boundary": 0.9, "ode": False}
+    boundary = str(tmp_path / "boundary.safetensors")
+    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
+    with pytest.raises(ArtifactError, match=r"boundary.safetensors: was made with seed=5.*seed=6"):
+        stages.sample_low(text, cond, boundary, demo_models["low"], str(tmp_path / "l.safetensors"),
+                          {**sampling, "seed": 6}, VIDEO, "cpu")
+    assert not (tmp_path / "l.safetensors").exists()
+
+
+def test_sde_step_keeps_official_dtypes():
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, dtype=torch.float64)
+    v = torch.randn(1, 4, dtype=torch.float64)
+    t_cur, t_next = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
+    out = rcm_step(x, v, t_cur, t_next, False, g1)
+    noise = torch.randn(1, 4, dtype=torch.float32, generator=g2)
+    scaled = t_next * noise
+    assert scaled.dtype == torch.float32  # t_next * noise is a float32 product
+    assert out.dtype == torch.float64 and torch.equal(out, (1 - t_next) * (x - t_cur * v) + scaled)
+    assert torch.equal(rcm_step(x, v, t_cur, t_next, True, g1), x - (t_cur - t_next) * v)

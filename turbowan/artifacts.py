@@ -1,0 +1,192 @@
+"""Stage artifacts: safetensors files written atomically, with a record of what made them.
+
+Every artifact's header carries one metadata entry, `turbowan`, a JSON object with the stage
+that wrote it, the parameters that determine it, package versions, and a fingerprint of each
+upstream file. Readers check tensors, shapes, dtypes and parameters before using a file, so a
+stale or broken artifact stops the job with a message naming the file instead of making a wrong
+video. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+META_KEY = "turbowan"
+# Files larger than this (model checkpoints) are fingerprinted by size and mtime, not hashed.
+HASH_LIMIT_BYTES = 512 * 1024**2
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, broken, or does not fit the job that reads it."""
+
+
+def package_versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    return {
+        "turbowan": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies an upstream file: sha256 for artifacts, size+mtime for huge checkpoints."""
+    path = Path(path)
+    stat = path.stat()
+    if path.is_dir():
+        return {"path": str(path), "kind": "directory"}
+    record: dict[str, Any] = {"path": str(path), "size": stat.st_size}
+    if stat.st_size <= HASH_LIMIT_BYTES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        record["sha256"] = digest.hexdigest()
+    else:
+        record["mtime_ns"] = stat.st_mtime_ns
+    return record
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+@contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; rename it to `final` only if the block succeeds.
+
+    A killed job leaves at most a hidden `.name.*.partial` file, never a file under the final name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, default_mode())
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_artifact(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, str | os.PathLike] | None = None,
+) -> None:
+    """Write tensors + provenance to `path` atomically."""
+    record = {
+        "stage": stage,
+        "params": dict(params),
+        "inputs": {name: fingerprint(p) for name, p in (inputs or {}).items()},
+        "versions": package_versions(),
+    }
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={META_KEY: json.dumps(record, sort_keys=True)})
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance record of an artifact (without reading its tensors)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({err})") from err
+    if META_KEY not in meta:
+        raise ArtifactError(f"{path}: has no '{META_KEY}' record; it was not written by this pipeline")
+    try:
+        return json.loads(meta[META_KEY])
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: its '{META_KEY}' record is not valid JSON ({err})") from err
+
+
+def load_artifact(
+    path: str | os.PathLike,
+    stage: str,
+    expect: Mapping[str, tuple[tuple[int | None, ...] | None, torch.dtype]],
+    params: Mapping[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an artifact and check it: stage, tensor names, shapes (None = any), dtypes, params.
+
+    Raises ArtifactError naming the file and what does not fit.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: missing")
+    record = read_record(path)
+    if record.get("stage") != stage:
+        raise ArtifactError(f"{path}: written by stage {record.get('stage')!r}, expected {stage!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            for name, (shape, dtype) in expect.items():
+                if name not in names:
+                    raise ArtifactError(f"{path}: has no tensor {name!r} (has {sorted(names)})")
+                tensor = f.get_tensor(name)
+                if tensor.dtype != dtype:
+                    raise ArtifactError(f"{path}: tensor {name!r} is {tensor.dtype}, expected {dtype}")
+                if shape is not None and (
+                    len(shape) != tensor.dim()
+                    or any(s is not None and s != d for s, d in zip(shape, tensor.shape))
+                ):
+                    raise ArtifactError(
+                        f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
+                    )
+                tensors[name] = tensor
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"{path}: broken safetensors file ({err})") from err
+    if params:
+        check_params(path, record, params)
+    return tensors, record
+
+
+def check_params(path: str | os.PathLike, record: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    recorded = record.get("params", {})
+    for key, value in params.items():
+        if key not in recorded:
+            raise ArtifactError(f"{path}: records no parameter {key!r}; expected {value!r}")
+        if recorded[key] != value:
+            raise ArtifactError(
+                f"{path}: was made with {key}={recorded[key]!r}, but this job needs {key}={value!r}; "
+                "delete it (or rerun with --forcerun) to recompute"
+            )
+
+
+def check_made_from(path: str | os.PathLike, record: Mapping[str, Any], name: str, upstream: str | os.PathLike) -> None:
+    """Check that `path` was made from the current contents of `upstream`."""
+    made_from = record.get("inputs", {}).get(name)
+    if made_from is None:
+        raise ArtifactError(f"{path}: records no upstream {name!r}")
+    now = fingerprint(upstream)
+    if made_from.get("sha256") and made_from.get("sha256") != now.get("sha256"):
+        raise ArtifactError(
+            f"{path}: was made from a different {name} than {upstream} holds now; rerun to recompute it"
+        )

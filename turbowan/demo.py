@@ -1,0 +1,104 @@
+"""Tiny random-weight models of the real architectures, saved in the real checkpoint layouts.
+
+Nothing can be downloaded here, and the demo must run on a CPU in minutes, so the built-in demo
+uses these: the Wan2.2 DiT (128-wide heads like the real one, but 2 heads and 2 layers), the Wan2.1
+VAE (its real block structure, 8 base channels instead of 96), the umT5 encoder (2 layers, width
+32) and a small tokenizer built offline. The files use the official key names, so the loaders
+the demo exercises are the ones real checkpoints go through. The videos they make are noise.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+from .artifacts import atomic_path
+from .keymaps import dit_key_to_official, t5_key_to_official, vae_key_to_official
+
+DEMO_DIT = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=36, out_channels=16,
+    text_dim=32, freq_dim=256, ffn_dim=256, num_layers=2, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+)
+DEMO_VAE = dict(base_dim=8, z_dim=16)
+DEMO_T5 = dict(
+    vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    relative_attention_num_buckets=8, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+)
+DEMO_WORDS = (
+    "a the of and in on with at to is cat dog car city sea sky sun light night street rain snow "
+    "walks runs flies slowly camera moves over under bright dark red blue green old new small big"
+).split()
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def make_dit(path: Path, seed: int) -> None:
+    """An expert in TurboDiffusion's layout: official names, bf16, patch_embedding as a Linear."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**DEMO_DIT)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key == "patch_embedding.weight":
+            value = value.reshape(value.shape[0], -1)  # [dim, 36*1*2*2], as TurboDiffusion stores it
+        tensors[dit_key_to_official(key)] = value.to(torch.bfloat16)
+    _save(tensors, path)
+
+
+def make_vae(path: Path, seed: int) -> None:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLWan(**DEMO_VAE)
+    _save({vae_key_to_official(k): v.float() for k, v in model.state_dict().items()}, path)
+
+
+def make_text_encoder(path: Path, seed: int) -> None:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    model = UMT5EncoderModel(UMT5Config(**DEMO_T5))
+    tensors = {}
+    for key, value in model.state_dict().items():
+        tensors[t5_key_to_official(key)] = value.to(torch.bfloat16)  # embed_tokens and shared are one
+    _save(tensors, path)
+
+
+def make_tokenizer(folder: Path) -> None:
+    """A Unigram tokenizer with umT5's special ids (pad 0, eos 1, unk 2), built without a download."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"]
+    pieces += ["\u2581" + w for w in DEMO_WORDS]
+    pieces += list(string.ascii_letters + string.digits + string.punctuation)
+    pieces = pieces[: DEMO_T5["vocab_size"]]
+    vocab = [(p, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+
+
+def make_demo_models(high: str, low: str, vae: str, text_encoder: str, tokenizer: str, seed: int = 0) -> None:
+    """All demo model files, deterministic for a given seed."""
+    make_dit(Path(high), seed + 1)
+    make_dit(Path(low), seed + 2)
+    make_vae(Path(vae), seed + 3)
+    make_text_encoder(Path(text_encoder), seed + 4)
+    make_tokenizer(Path(tokenizer))

@@ -1,0 +1,54 @@
+"""What every stage job does around its work: log to its log file, time it, report peak memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("turbowan.job")
+
+
+def _setup_logging(log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
+    logging.basicConfig(
+        level=logging.INFO, handlers=handlers, force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _gpu_line() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "device: cpu"
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    uuid = getattr(props, "uuid", "")
+    return (f"device: cuda:{torch.cuda.current_device()} {props.name} uuid={uuid} "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+
+
+def run_stage(name: str, log_file: str | None, stage: Callable[..., Any], **kwargs: Any) -> None:
+    """Run one stage function with logging; a failure is logged with its traceback and re-raised."""
+    _setup_logging(log_file)
+    import torch
+
+    log.info("%s on %s (pid %d); %s", name, socket.gethostname(), os.getpid(), _gpu_line())
+    started = time.perf_counter()
+    try:
+        stage(**kwargs)
+    except Exception:
+        log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
+        raise
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
+    log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)

@@ -1,0 +1,162 @@
+"""Key names: the official Wan / TurboDiffusion checkpoint layouts <-> diffusers / transformers.
+
+The official -> diffusers direction reuses diffusers' own converters (they only rename keys, so
+they are called on {name: name} and give a rename table without touching any tensor; that is
+what lets a loader stream tensors one by one). The reverse direction is only needed to write the
+demo models in the official layout; tests check that it is the exact inverse.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from diffusers.loaders.single_file_utils import (
+    convert_wan_transformer_to_diffusers,
+    convert_wan_vae_to_diffusers,
+)
+
+# ---------------------------------------------------------------------------------------------
+# DiT (TurboDiffusion's .pth: official Wan names, patch_embedding as a Linear, SLA proj_l extras)
+
+SLA_KEY = re.compile(r"^blocks\.(\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(weight|bias)$")
+
+
+def clean_dit_key(key: str) -> str:
+    """Strip the wrappers the official loader strips: a `net.` prefix, `_checkpoint_wrapped_module.`."""
+    key = key.replace("_checkpoint_wrapped_module.", "")
+    return key[len("net."):] if key.startswith("net.") else key
+
+
+def dit_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
+    """{diffusers key: official key} for the network weights (SLA keys left out)."""
+    cleaned = {clean_dit_key(k): k for k in official_keys}
+    network = {k: k for k in cleaned if not SLA_KEY.match(k)}
+    converted = convert_wan_transformer_to_diffusers(dict(network))
+    return {new: cleaned[old] for new, old in converted.items()}
+
+
+_DIT_TO_OFFICIAL = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1.", "self_attn."),
+    ("attn2.", "cross_attn."),
+    (".to_out.0.", ".o."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"),
+    ("ffn.net.2", "ffn.2"),
+    ("proj_out", "head.head"),
+]
+
+
+def dit_key_to_official(key: str) -> str:
+    """diffusers WanTransformer3DModel key -> official Wan key (inverse of dit_rename_table)."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    key = key.replace(".scale_shift_table", ".modulation")
+    for new, old in _DIT_TO_OFFICIAL:
+        key = key.replace(new, old)
+    # diffusers' norm2 is the official cross-attention norm3 (and diffusers has no norm3 weights).
+    return re.sub(r"^(blocks\.\d+)\.norm2\.", r"\1.norm3.", key)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE (Wan2.1_VAE.pth and ComfyUI's wan_2.1_vae.safetensors share these names)
+
+
+def vae_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
+    """{diffusers key: official key} for the Wan2.1 VAE."""
+    return convert_wan_vae_to_diffusers({k: k for k in official_keys})
+
+
+_RESNET_TO_OFFICIAL = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1.weight": "residual.2.weight",
+    "conv1.bias": "residual.2.bias",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2.weight": "residual.6.weight",
+    "conv2.bias": "residual.6.bias",
+    "conv_shortcut.weight": "shortcut.weight",
+    "conv_shortcut.bias": "shortcut.bias",
+}
+
+
+def vae_key_to_official(key: str) -> str:
+    """diffusers AutoencoderKLWan key -> official Wan VAE key (inverse of vae_rename_table)."""
+    fixed = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+    head, _, rest = key.partition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{rest}"
+    side = head  # encoder / decoder
+    if rest.startswith("conv_in."):
+        return f"{side}.conv1.{rest[len('conv_in.'):]}"
+    if rest.startswith("norm_out."):
+        return f"{side}.head.0.{rest[len('norm_out.'):]}"
+    if rest.startswith("conv_out."):
+        return f"{side}.head.2.{rest[len('conv_out.'):]}"
+    m = re.match(r"mid_block\.resnets\.(\d)\.(.+)$", rest)
+    if m:
+        return f"{side}.middle.{2 * int(m[1])}.{_RESNET_TO_OFFICIAL[m[2]]}"
+    m = re.match(r"mid_block\.attentions\.0\.(.+)$", rest)
+    if m:
+        return f"{side}.middle.1.{m[1]}"
+    m = re.match(r"down_blocks\.(\d+)\.(.+)$", rest)
+    if m:
+        return f"{side}.downsamples.{m[1]}.{_RESNET_TO_OFFICIAL.get(m[2], m[2])}"
+    m = re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)$", rest)
+    if m:
+        return f"{side}.upsamples.{4 * int(m[1]) + int(m[2])}.{_RESNET_TO_OFFICIAL[m[3]]}"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)$", rest)
+    if m:
+        return f"{side}.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+    raise KeyError(f"no official name known for VAE key {key!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# umT5 encoder (models_t5_umt5-xxl-enc-bf16.pth) <-> transformers' UMT5EncoderModel
+
+_T5_BLOCK_TO_HF = [
+    ("norm1.weight", "layer.0.layer_norm.weight"),
+    ("attn.q.weight", "layer.0.SelfAttention.q.weight"),
+    ("attn.k.weight", "layer.0.SelfAttention.k.weight"),
+    ("attn.v.weight", "layer.0.SelfAttention.v.weight"),
+    ("attn.o.weight", "layer.0.SelfAttention.o.weight"),
+    ("pos_embedding.embedding.weight", "layer.0.SelfAttention.relative_attention_bias.weight"),
+    ("norm2.weight", "layer.1.layer_norm.weight"),
+    ("ffn.gate.0.weight", "layer.1.DenseReluDense.wi_0.weight"),
+    ("ffn.fc1.weight", "layer.1.DenseReluDense.wi_1.weight"),
+    ("ffn.fc2.weight", "layer.1.DenseReluDense.wo.weight"),
+]
+
+
+def t5_key_to_hf(key: str) -> str:
+    """Official umT5 key -> transformers UMT5EncoderModel key."""
+    if key == "token_embedding.weight":
+        return "shared.weight"
+    if key == "norm.weight":
+        return "encoder.final_layer_norm.weight"
+    m = re.match(r"blocks\.(\d+)\.(.+)$", key)
+    if m:
+        for official, hf in _T5_BLOCK_TO_HF:
+            if m[2] == official:
+                return f"encoder.block.{m[1]}.{hf}"
+    raise KeyError(f"not an umT5 encoder key: {key!r}")
+
+
+def t5_key_to_official(key: str) -> str:
+    """transformers UMT5EncoderModel key -> official umT5 key."""
+    if key in ("shared.weight", "encoder.embed_tokens.weight"):
+        return "token_embedding.weight"
+    if key == "encoder.final_layer_norm.weight":
+        return "norm.weight"
+    m = re.match(r"encoder\.block\.(\d+)\.(.+)$", key)
+    if m:
+        for official, hf in _T5_BLOCK_TO_HF:
+            if m[2] == hf:
+                return f"blocks.{m[1]}.{official}"
+    raise KeyError(f"not a UMT5EncoderModel key: {key!r}")

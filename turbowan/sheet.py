@@ -1,0 +1,231 @@
+"""The prompt sheet: read it, fill in defaults, check every row, and report every problem at once.
+
+A row's problems are found before any job runs, each named by row number, id and column, so a
+typo in row 412 does not surface hours into a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+import pandas as pd
+import yaml
+
+from .image import ImageError, image_size
+from .sizes import PRESETS, choose_size, frames_ok, size_problem
+
+# Folder names under <results> that hold shared files, so they cannot be row ids.
+RESERVED_IDS = {"prompts", "logs", "benchmarks"}
+REQUIRED = ("id", "image", "prompt")
+INTEGER = ("seed", "num_frames", "width", "height", "num_steps")
+NUMBER = ("sigma_max", "boundary")
+BOOLEAN = ("adaptive", "ode")
+TEXT = ("id", "image", "prompt", "resolution", "aspect_ratio")
+COLUMNS = TEXT + INTEGER + NUMBER + BOOLEAN
+TRUE, FALSE = {"true", "yes", "1", "y", "t"}, {"false", "no", "0", "n", "f"}
+
+
+class SheetError(ValueError):
+    """All problems of a sheet, one per line."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s) in the sheet; nothing was run:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    image: str  # absolute path
+    prompt: str
+    seed: int
+    num_frames: int
+    width: int
+    height: int
+    num_steps: int
+    sigma_max: float
+    boundary: float
+    ode: bool
+
+    @property
+    def prompt_key(self) -> str:
+        """Identical prompts share one text embedding, stored under this key."""
+        return hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()[:16]
+
+    def video(self) -> dict[str, int]:
+        return {"width": self.width, "height": self.height, "num_frames": self.num_frames}
+
+    def sampling(self) -> dict[str, Any]:
+        return {"seed": self.seed, "num_steps": self.num_steps, "sigma_max": self.sigma_max,
+                "boundary": self.boundary, "ode": self.ode}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _convert(column: str, text: str) -> Any:
+    """A CSV cell -> its typed value; raises ValueError with a short reason."""
+    if column in INTEGER:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        if not value.is_integer():
+            raise ValueError(f"{text!r} is not a whole number")
+        return int(value)
+    if column in NUMBER:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    if column in BOOLEAN:
+        low = text.strip().lower()
+        if low in TRUE:
+            return True
+        if low in FALSE:
+            return False
+        raise ValueError(f"{text!r} is not true/false")
+    return text
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    value = error.instance
+    if error.validator == "enum":
+        return f"{value!r} is not one of {', '.join(map(str, error.validator_value))}"
+    if error.validator == "pattern":
+        return f"{value!r} may only use letters, digits, '.', '_' and '-'"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        words = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+        return f"{value!r} must be {words[error.validator]} {error.validator_value}"
+    if error.validator == "minLength":
+        return "is empty"
+    return error.message
+
+
+def load_schema(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def read_rows(path: str | Path, defaults: Mapping[str, Any], schema: Mapping[str, Any]) -> list[Row]:
+    """Every row of the sheet with defaults filled in, or SheetError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SheetError(path, ["the sheet file does not exist"])
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise SheetError(path, [f"cannot be read as a UTF-8 CSV file ({err})"]) from err
+    table.columns = [c.strip() for c in table.columns]
+
+    problems: list[str] = []
+    unknown = [c for c in table.columns if c not in COLUMNS]
+    if unknown:
+        problems.append(f"unknown column(s) {', '.join(map(repr, unknown))}; known columns: {', '.join(COLUMNS)}")
+    missing = [c for c in REQUIRED if c not in table.columns]
+    if missing:
+        problems.append(f"missing required column(s): {', '.join(missing)}")
+    if problems:
+        raise SheetError(path, problems)
+    if table.empty:
+        raise SheetError(path, ["the sheet has no rows"])
+
+    validator = jsonschema.Draft202012Validator(schema)
+    rows: list[Row] = []
+    seen: dict[str, int] = {}
+    for index, cells in enumerate(table.to_dict("records"), start=1):
+        row_id = cells.get("id", "").strip()
+        where = f"row {index} (id {row_id!r})" if row_id else f"row {index}"
+        row_problems: list[tuple[str, str]] = []  # (column, message)
+
+        def problem(column: str, message: str) -> None:
+            row_problems.append((column, message))
+
+        values: dict[str, Any] = {}
+        for column in COLUMNS:
+            text = cells.get(column, "")
+            if column not in REQUIRED:
+                text = text.strip()
+            if column == "id":
+                text = text.strip()
+            if text == "" and column not in REQUIRED:
+                if defaults.get(column) is not None:
+                    values[column] = defaults[column]
+                continue
+            try:
+                values[column] = _convert(column, text)
+            except ValueError as err:
+                problem(column, str(err))
+        for error in validator.iter_errors(values):
+            column = error.path[0] if error.path else (
+                error.validator_value[0] if error.validator == "required" else "?"
+            )
+            problem(str(column), _schema_message(error))
+
+        bad = {column for column, _ in row_problems}
+        if "id" not in bad and row_id:
+            if row_id in RESERVED_IDS:
+                problem("id", f"{row_id!r} is reserved for the results folder's own use")
+            elif row_id in seen:
+                problem("id", f"duplicate id; row {seen[row_id]} has it already")
+            seen.setdefault(row_id, index)
+        if "prompt" not in bad and not str(values.get("prompt", "")).strip():
+            problem("prompt", "is empty")
+        if "num_frames" not in bad and "num_frames" in values and not frames_ok(values["num_frames"]):
+            problem("num_frames", f"{values['num_frames']} is not 4k+1 (e.g. 81, 49, 17)")
+
+        image_path = None
+        size = None
+        if "image" not in bad and values.get("image", "").strip():
+            image_path = (path.parent / values["image"].strip()).resolve()
+            if not image_path.is_file():
+                problem("image", f"{values['image']!r} does not exist (looked for {image_path})")
+            else:
+                try:
+                    size = image_size(image_path)
+                except ImageError as err:
+                    problem("image", str(err))
+        elif "image" not in bad:
+            problem("image", "is empty")
+
+        has_w, has_h = values.get("width") is not None, values.get("height") is not None
+        if has_w != has_h:
+            problem("width" if not has_w else "height", "width and height must be given together")
+        if not row_problems:
+            if values.get("adaptive") and not (has_w and has_h) and size is None:
+                problem("adaptive", "adaptive sizing needs a readable image")
+        if row_problems:
+            problems.extend(f"{where}, column '{column}': {message}" for column, message in row_problems)
+            continue
+        width, height = choose_size(
+            values["resolution"], values["aspect_ratio"], bool(values.get("adaptive")),
+            values.get("width"), values.get("height"), size,
+        )
+        reason = size_problem(width, height)
+        if reason:
+            problems.append(f"{where}, column 'width/height': the chosen size {width}x{height}: {reason}")
+            continue
+        rows.append(Row(
+            id=row_id, image=str(image_path), prompt=values["prompt"], seed=values["seed"],
+            num_frames=values["num_frames"], width=width, height=height, num_steps=values["num_steps"],
+            sigma_max=float(values["sigma_max"]), boundary=float(values["boundary"]), ode=bool(values["ode"]),
+        ))
+    if problems:
+        raise SheetError(path, problems)
+    return rows
+
+
+def check_defaults(defaults: Mapping[str, Any], where: str = "config") -> None:
+    """The rules the schema cannot express, for the config's `defaults`."""
+    problems = []
+    frames = defaults.get("num_frames")
+    if frames is not None and not frames_ok(frames):
+        problems.append(f"defaults.num_frames: {frames} is not 4k+1 (e.g. 81, 49, 17)")
+    if (defaults.get("width") is None) != (defaults.get("height") is None):
+        problems.append("defaults.width and defaults.height must be given together (or both null)")
+    if problems:
+        raise SheetError(where, problems)

@@ -1,0 +1,42 @@
+"""The VAE side of a row: image -> conditioning y, final latent -> frames (REFERENCE.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std, shaped [1, 16, 1, 1, 1], for normalising latents."""
+    mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device)
+    std = torch.tensor(vae.config.latents_std, dtype=like.dtype, device=like.device)
+    return mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
+
+
+@torch.no_grad()
+def encode_condition(vae, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """y = cat([mask, latent]) [1, 20, lat_t, lat_h, lat_w] in bfloat16.
+
+    image: [1, 3, h, w] in [-1, 1]. The VAE sees the image followed by num_frames-1 black
+    frames; the mask marks the first latent frame as given.
+    """
+    device, dtype = vae.device, vae.dtype
+    _, _, h, w = image.shape
+    video = torch.cat(
+        [image[:, :, None], torch.zeros(1, 3, num_frames - 1, h, w)], dim=2
+    )  # [1, 3, F, h, w]
+    mu = vae.encode(video.to(device=device, dtype=dtype)).latent_dist.mean.float()
+    mean, std = _latent_stats(vae, mu)
+    latent = (mu - mean) / std  # [1, 16, lat_t, lat_h, lat_w]
+    mask = torch.zeros(1, 4, *latent.shape[2:], device=device)
+    mask[:, :, 0] = 1
+    return torch.cat([mask, latent], dim=1).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def decode_frames(vae, x: torch.Tensor) -> torch.Tensor:
+    """Final sampler state [1, 16, lat_t, lat_h, lat_w] -> frames uint8 [F, H, W, 3]."""
+    latent = x.float().to(vae.device)
+    mean, std = _latent_stats(vae, latent)
+    video = vae.decode((latent * std + mean).to(vae.dtype)).sample.float()  # [1, 3, F, H, W]
+    video = (video.clamp(-1, 1) + 1) / 2
+    return (video[0] * 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()

@@ -1,0 +1,85 @@
+"""Frames on disk (lossless PNG) and the H.264 mp4 made from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image
+
+from .artifacts import atomic_path, default_mode
+
+FRAMES_INFO = "frames.json"
+
+
+class VideoError(RuntimeError):
+    pass
+
+
+def save_frames(frames: torch.Tensor, folder: str | Path, record: dict) -> None:
+    """Write frames uint8 [F, H, W, 3] as PNG files into `folder`, atomically (whole folder or nothing)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    try:
+        array = frames.numpy()
+        for i, frame in enumerate(array):
+            Image.fromarray(frame).save(tmp / f"{i:05d}.png", compress_level=1)
+        info = dict(record, count=int(array.shape[0]), height=int(array.shape[1]), width=int(array.shape[2]))
+        (tmp / FRAMES_INFO).write_text(json.dumps(info, sort_keys=True))
+        os.chmod(tmp, default_mode(directory=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_frames(folder: str | Path) -> tuple[list[Path], dict]:
+    """The frame files in order, and the record written with them (checked for completeness)."""
+    folder = Path(folder)
+    info_path = folder / FRAMES_INFO
+    if not info_path.exists():
+        raise VideoError(f"{folder}: no {FRAMES_INFO}; the frames folder is incomplete")
+    info = json.loads(info_path.read_text())
+    files = sorted(folder.glob("*.png"))
+    if len(files) != info["count"]:
+        raise VideoError(f"{folder}: {len(files)} frame files, expected {info['count']}")
+    return files, info
+
+
+def write_mp4(frame_files: list[Path], path: str | Path, width: int, height: int, fps: int, quality: int) -> None:
+    """Encode frames to H.264 yuv420p mp4, then check the file has every frame."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+            quality=quality, macro_block_size=16, output_params=["-f", "mp4"], ffmpeg_log_level="error",
+        )
+        writer.send(None)
+        for file in frame_files:
+            frame = np.asarray(Image.open(file).convert("RGB"))
+            if frame.dtype != np.uint8 or frame.shape != (height, width, 3):
+                writer.close()
+                raise VideoError(f"{file}: frame is {frame.dtype} {frame.shape}, expected uint8 {(height, width, 3)}")
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        count, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp))
+        if count != len(frame_files):
+            raise VideoError(f"{path}: encoder wrote {count} frames, expected {len(frame_files)}")
+
+
+def probe(path: str | Path) -> dict:
+    """Frame count, size and fps of a video file, read back with ffmpeg."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    count = sum(1 for _ in reader)
+    width, height = meta["size"]
+    return {"frames": count, "width": width, "height": height, "fps": meta["fps"]}
