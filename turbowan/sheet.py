@@ -7,6 +7,7 @@ typo in row 412 does not surface hours into a batch.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -95,6 +96,8 @@ def _convert(column: str, text: str) -> Any:
 
 def _schema_message(error: jsonschema.ValidationError) -> str:
     value = error.instance
+    if value == "" or error.validator == "minLength":
+        return "is empty"
     if error.validator == "enum":
         return f"{value!r} is not one of {', '.join(map(str, error.validator_value))}"
     if error.validator == "pattern":
@@ -102,8 +105,6 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         words = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
         return f"{value!r} must be {words[error.validator]} {error.validator_value}"
-    if error.validator == "minLength":
-        return "is empty"
     return error.message
 
 
@@ -161,10 +162,12 @@ def read_rows(path: str | Path, defaults: Mapping[str, Any], schema: Mapping[str
             except ValueError as err:
                 problem(column, str(err))
         for error in validator.iter_errors(values):
-            column = error.path[0] if error.path else (
-                error.validator_value[0] if error.validator == "required" else "?"
-            )
-            problem(str(column), _schema_message(error))
+            if error.validator == "required":
+                column = re.match(r"'(.+)' is a required property", error.message)[1]
+                if column not in {c for c, _ in row_problems}:
+                    problem(column, "is empty and the config has no default for it")
+            else:
+                problem(str(error.path[0]) if error.path else "?", _schema_message(error))
 
         bad = {column for column, _ in row_problems}
         if "id" not in bad and row_id:

@@ -1,0 +1,95 @@
+"""Official checkpoint key names <-> diffusers/transformers modules, and streaming loaders."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import UMT5Config, UMT5EncoderModel
+
+from turbowan.demo import DEMO_DIT, DEMO_T5, DEMO_VAE
+from turbowan.keymaps import (
+    dit_key_to_official, dit_rename_table, t5_key_to_hf, t5_key_to_official, vae_key_to_official,
+    vae_rename_table,
+)
+from turbowan.models import CheckpointError, load_text_encoder, load_transformer, load_vae
+
+
+def test_dit_names_invert_diffusers_converter():
+    keys = list(WanTransformer3DModel(**DEMO_DIT).state_dict())
+    official = [dit_key_to_official(k) for k in keys]
+    assert "blocks.0.norm3.weight" in official and "head.modulation" in official
+    assert "blocks.1.self_attn.o.weight" in official and "time_projection.1.weight" in official
+    table = dit_rename_table(official)
+    assert table == {k: dit_key_to_official(k) for k in keys}
+
+
+def test_dit_wrapper_prefixes_are_stripped():
+    table = dit_rename_table(["net.blocks.0._checkpoint_wrapped_module.self_attn.q.weight"])
+    assert table == {"blocks.0.attn1.to_q.weight": "net.blocks.0._checkpoint_wrapped_module.self_attn.q.weight"}
+
+
+def test_vae_names_invert_diffusers_converter():
+    keys = list(AutoencoderKLWan(**DEMO_VAE).state_dict())
+    official = [vae_key_to_official(k) for k in keys]
+    assert len(set(official)) == 194
+    assert {"conv1.weight", "conv2.weight", "decoder.upsamples.4.shortcut.weight"} <= set(official)
+    assert vae_rename_table(official) == {k: vae_key_to_official(k) for k in keys}
+
+
+def test_t5_names_round_trip():
+    keys = [k for k in UMT5EncoderModel(UMT5Config(**DEMO_T5)).state_dict() if k != "encoder.embed_tokens.weight"]
+    official = [t5_key_to_official(k) for k in keys]
+    assert len(official) == 1 + 2 * 10 + 1  # the real encoder: 1 + 24 * 10 + 1 = 242
+    assert [t5_key_to_hf(k) for k in official] == keys
+
+
+def test_loaded_expert_has_the_files_weights(demo_models):
+    model = load_transformer(demo_models["high"], torch.device("cpu"))
+    assert model.config.num_attention_heads == 2 and model.config.num_layers == 2
+    state = model.state_dict()
+    with safe_open(demo_models["high"], "pt") as f:
+        patch = f.get_tensor("patch_embedding.weight")
+        assert patch.shape == (256, 144) and patch.dtype == torch.bfloat16
+        assert torch.equal(state["patch_embedding.weight"], patch.reshape(256, 36, 1, 2, 2))
+        assert torch.equal(state["blocks.1.attn2.to_out.0.weight"], f.get_tensor("blocks.1.cross_attn.o.weight"))
+        # diffusers' float32 modules stay float32
+        assert state["blocks.0.norm2.weight"].dtype == torch.float32
+        assert torch.equal(state["blocks.0.norm2.weight"], f.get_tensor("blocks.0.norm3.weight").float())
+    assert state["blocks.0.attn1.to_q.weight"].dtype == torch.bfloat16
+
+
+def test_loaded_vae_and_text_encoder_match_their_files(demo_models):
+    vae = load_vae(demo_models["vae"], torch.device("cpu"))
+    with safe_open(demo_models["vae"], "pt") as f:
+        assert torch.equal(vae.state_dict()["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"],
+                           f.get_tensor("decoder.upsamples.4.shortcut.weight"))
+    enc = load_text_encoder(demo_models["text_encoder"], torch.device("cpu"))
+    with safe_open(demo_models["text_encoder"], "pt") as f:
+        emb = f.get_tensor("token_embedding.weight")
+        assert torch.equal(enc.shared.weight, emb) and torch.equal(enc.encoder.embed_tokens.weight, emb)
+
+
+def test_a_clip_like_text_encoder_is_refused(tmp_path):
+    path = tmp_path / "clip.safetensors"
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 8)}, str(path))
+    with pytest.raises(CheckpointError, match=r"clip.safetensors: not an umT5 encoder"):
+        load_text_encoder(path, torch.device("cpu"))
+
+
+def test_a_wan21_clip_dit_is_refused(tmp_path, demo_models):
+    with safe_open(demo_models["high"], "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["img_emb.proj.0.weight"] = torch.zeros(4)
+    save_file(tensors, str(tmp_path / "wan21.safetensors"))
+    with pytest.raises(CheckpointError, match="CLIP image inputs"):
+        load_transformer(tmp_path / "wan21.safetensors", torch.device("cpu"))
+
+
+def test_truncated_and_missing_files_are_named(tmp_path, demo_models):
+    data = open(demo_models["vae"], "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_vae(tmp_path / "cut.safetensors", torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="nothere.safetensors: model file not found"):
+        load_vae(tmp_path / "nothere.safetensors", torch.device("cpu"))

@@ -1,0 +1,128 @@
+"""Sheet reading and validation: every problem reported at once, by row, id and column."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows
+
+from .conftest import REPO, write_image
+
+SCHEMA = load_schema(REPO / "config" / "schemas" / "sheet.schema.yaml")
+DEFAULTS = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["defaults"]
+
+
+@pytest.fixture
+def sheet_dir(tmp_path):
+    (tmp_path / "img").mkdir()
+    write_image(tmp_path / "img" / "a.png", 64, 48)
+    write_image(tmp_path / "img" / "wide.png", 1920, 1080)
+    return tmp_path
+
+
+def read(folder: Path, text: str, defaults=DEFAULTS, encoding="utf-8"):
+    path = folder / "sheet.csv"
+    path.write_text(text, encoding=encoding)
+    return read_rows(path, defaults, SCHEMA)
+
+
+def problems(folder: Path, text: str) -> list[str]:
+    with pytest.raises(SheetError) as err:
+        read(folder, text)
+    assert "nothing was run" in str(err.value)
+    return err.value.problems
+
+
+def test_good_sheet_with_defaults_bom_and_awkward_prompts(sheet_dir):
+    text = (
+        'id,image,prompt,seed,num_frames,resolution,adaptive,ode\n'
+        'a,img/a.png,"a cat, a dog, and ""quotes""",3,,480p,,\n'
+        'b.2,img/wide.png,"line one\nline two — ünïcode 夜",,17,,true,yes\n'
+    )
+    rows = read(sheet_dir, text, encoding="utf-8-sig")
+    a, b = rows
+    assert a.id == "a" and a.prompt == 'a cat, a dog, and "quotes"' and a.seed == 3
+    assert (a.width, a.height, a.num_frames) == (832, 480, 81)  # 480p 16:9 preset, default frames
+    assert a.image == str((sheet_dir / "img" / "a.png").resolve())
+    assert b.prompt == "line one\nline two — ünïcode 夜" and b.seed == DEFAULTS["seed"]
+    assert (b.width, b.height, b.num_frames, b.ode) == (1280, 720, 17, True)  # adaptive at 720p
+    assert a.prompt_key != b.prompt_key and len(a.prompt_key) == 16
+
+
+BAD_ROWS = [
+    ("bad/id,img/a.png,x", "id", "may only use letters"),
+    (",img/a.png,x", "id", "is empty"),
+    ("r,img/missing.png,x", "image", "does not exist"),
+    ("r,img/broken.png,x", "image", "cannot be read as an image"),
+    ("r,,x", "image", "is empty"),
+    ("r,img/a.png,", "prompt", "is empty"),
+    ("r,img/a.png,   ", "prompt", "is empty"),
+    ("r,img/a.png,x,,80", "num_frames", "80 is not 4k+1"),
+    ("r,img/a.png,x,,,1080p", "resolution", "'1080p' is not one of 480p, 720p"),
+    ("r,img/a.png,x,,,,21:9", "aspect_ratio", "'21:9' is not one of"),
+    ("r,img/a.png,x,,,,,,64", "height", "given together"),
+    ("r,img/a.png,x,,,,,,65,64", "width", "multiple of 16"),
+    ("r,img/a.png,x,,,,,,4096,64", "width", "<= 2048"),
+    ("r,img/a.png,x,,,,,,,,5", "num_steps", "<= 4"),
+    ("r,img/a.png,x,,,,,,,,0", "num_steps", ">= 1"),
+    ("r,img/a.png,x,,,,,,,,,0", "sigma_max", "> 0"),
+    ("r,img/a.png,x,,,,,,,,,,1.0", "boundary", "< 1"),
+    ("r,img/a.png,x,,,,,,,,,,0", "boundary", "> 0"),
+    ("r,img/a.png,x,abc", "seed", "'abc' is not a whole number"),
+    ("r,img/a.png,x,1.5", "seed", "not a whole number"),
+    ("r,img/a.png,x,-1", "seed", ">= 0"),
+    ("r,img/a.png,x,,,,,maybe", "adaptive", "not true/false"),
+    ("r,img/a.png,x,,,,,,,,,,,2", "ode", "not true/false"),
+    ("logs,img/a.png,x", "id", "reserved"),
+]
+HEADER = "id,image,prompt,seed,num_frames,resolution,aspect_ratio,adaptive,width,height,num_steps,sigma_max,boundary,ode\n"
+
+
+@pytest.mark.parametrize("line, column, message", BAD_ROWS, ids=[f"{c}:{m}" for _, c, m in BAD_ROWS])
+def test_each_bad_cell_is_named(sheet_dir, line, column, message):
+    (sheet_dir / "img" / "broken.png").write_bytes(b"\x89PNG garbage")
+    found = problems(sheet_dir, HEADER + "ok,img/a.png,fine\n" + line + "\n")
+    assert len(found) == 1, found
+    assert f"row 2" in found[0] and f"column '{column}'" in found[0] and message in found[0], found[0]
+
+
+def test_every_problem_is_reported_at_once(sheet_dir):
+    found = problems(sheet_dir, HEADER + "a,img/a.png,x\na,img/a.png,y\nb,img/nope.png,\nc,img/a.png,z,,10\n")
+    assert len(found) == 4
+    assert "row 2 (id 'a'), column 'id': duplicate id; row 1 has it already" in found[0]
+    assert any("row 3 (id 'b'), column 'image'" in p for p in found)
+    assert any("row 3 (id 'b'), column 'prompt'" in p for p in found)
+    assert any("row 4 (id 'c'), column 'num_frames'" in p for p in found)
+
+
+def test_unknown_and_missing_columns(sheet_dir):
+    found = problems(sheet_dir, "id,image,sede\na,img/a.png,1\n")
+    assert any("unknown column(s) 'sede'" in p for p in found)
+    assert any("missing required column(s): prompt" in p for p in found)
+
+
+def test_empty_sheet_and_missing_file(sheet_dir):
+    assert problems(sheet_dir, "id,image,prompt\n") == ["the sheet has no rows"]
+    with pytest.raises(SheetError, match="does not exist"):
+        read_rows(sheet_dir / "none.csv", DEFAULTS, SCHEMA)
+
+
+def test_not_utf8(sheet_dir):
+    (sheet_dir / "sheet.csv").write_bytes("id,image,prompt\na,img/a.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SheetError, match="UTF-8"):
+        read_rows(sheet_dir / "sheet.csv", DEFAULTS, SCHEMA)
+
+
+def test_adaptive_size_too_large_is_refused(sheet_dir):
+    write_image(sheet_dir / "img" / "tall.png", 100, 4000)
+    found = problems(sheet_dir, "id,image,prompt,adaptive\nt,img/tall.png,x,true\n")
+    assert "above 2048" in found[0] and "row 1 (id 't')" in found[0]
+
+
+def test_defaults_checked():
+    with pytest.raises(SheetError, match="defaults.num_frames: 80 is not 4k\\+1"):
+        check_defaults({**DEFAULTS, "num_frames": 80})
+    with pytest.raises(SheetError, match="together"):
+        check_defaults({**DEFAULTS, "width": 64})
+    check_defaults(DEFAULTS)
