@@ -7,6 +7,7 @@ typo in row 412 does not surface hours into a batch.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ class SheetError(ValueError):
 @dataclass(frozen=True)
 class Row:
     id: str
-    image: str  # absolute path
+    image: str  # the sheet's folder joined with the cell
     prompt: str
     seed: int
     num_frames: int
@@ -184,7 +185,9 @@ def read_rows(path: str | Path, defaults: Mapping[str, Any], schema: Mapping[str
         image_path = None
         size = None
         if "image" not in bad and values.get("image", "").strip():
-            image_path = (path.parent / values["image"].strip()).resolve()
+            # relative to the sheet; kept relative when the sheet's path is, so a moved batch
+            # folder does not look like a changed input
+            image_path = Path(os.path.normpath(path.parent / values["image"].strip()))
             if not image_path.is_file():
                 problem("image", f"{values['image']!r} does not exist (looked for {image_path})")
             else:
