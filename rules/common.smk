@@ -3,11 +3,13 @@ import os
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 # The `turbowan` library of this checkout, importable without installing it. (Scripts find it
 # through the scripts/turbowan link: Snakemake puts a script's folder on its sys.path.)
 sys.path.insert(0, workflow.basedir)
 
+from turbowan.artifacts import sweep  # noqa: E402
 from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows  # noqa: E402
 
 RESULTS = config["results"].rstrip("/")
@@ -21,6 +23,7 @@ try:
             config["sheet"],
             config["defaults"],
             load_schema(os.path.join(workflow.basedir, "config/schemas/sheet.schema.yaml")),
+            decode_images=workflow.is_main_process,
         )
     }
 except SheetError as err:
@@ -46,6 +49,11 @@ def benchmark_path(rule_name, key="{id}"):
     return f"{RESULTS}/benchmarks/{rule_name}/{key}.tsv"
 
 
+def frugal_level(wildcards, attempt):
+    """0 on the first attempt; a retried job (say, after running out of GPU memory) saves memory."""
+    return attempt - 1
+
+
 def text_for_row(wildcards):
     return f"{RESULTS}/prompts/{ROWS[wildcards.id].prompt_key}/text.safetensors"
 
@@ -62,6 +70,28 @@ def frames_output():
     """Decoded frames are temporary unless the config keeps them."""
     frames = directory(row_dir("frames"))
     return frames if config["keep_frames"] else temp(frames)
+
+
+def artifacts_and_products():
+    """{stage artifact: [files made from it]} for this sheet (a prompt's text feeds several rows)."""
+    products = {}
+    for row_id, row in ROWS.items():
+        folder = f"{RESULTS}/{row_id}"
+        boundary, latent = f"{folder}/boundary.safetensors", f"{folder}/latent.safetensors"
+        after_latent = [f"{folder}/frames", f"{folder}/video.mp4"]
+        text = f"{RESULTS}/prompts/{row.prompt_key}/text.safetensors"
+        products.setdefault(text, []).extend([boundary, latent, *after_latent])
+        products[f"{folder}/cond.safetensors"] = [boundary, latent, *after_latent]
+        products[boundary] = [latent, *after_latent]
+        products[latent] = after_latent
+    return products.items()
+
+
+# A truncated or foreign artifact (a killed copy, a full disk, a hand edit) looks finished to
+# Snakemake, which only sees that the file exists: move it, and what was made from it, aside.
+if workflow.is_main_process:
+    for moved in sweep(artifacts_and_products()):
+        logger.warning(f"Broken artifact: {moved}")
 
 
 def all_videos():

@@ -37,8 +37,10 @@ rule encode_image:
         log_path("encode_image"),
     benchmark:
         benchmark_path("encode_image")
+    retries: 1
     resources:
         gpu=1,
+        frugal=frugal_level,
     conda:
         "../envs/turbowan.yaml"
     script:

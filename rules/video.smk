@@ -15,8 +15,10 @@ rule decode:
         log_path("decode"),
     benchmark:
         benchmark_path("decode")
+    retries: 1
     resources:
         gpu=1,
+        frugal=frugal_level,
     conda:
         "../envs/turbowan.yaml"
     script:

@@ -9,4 +9,5 @@ run_stage(
     video=snakemake.params.video,
     device=snakemake.params.device,
     vae_dtype=snakemake.params.vae_dtype,
+    frugal=snakemake.resources.frugal,
 )

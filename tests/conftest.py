@@ -35,10 +35,11 @@ def write_image(path: Path, width: int, height: int, seed: int = 0, mode: str = 
     return path
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_snakemake(workdir: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the workflow in `workdir` with the test's virtual environment first on PATH."""
     # PYTHONPATH: the jobs import this checkout's turbowan, whatever else is installed.
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "LC_ALL": "C.UTF-8", "PYTHONPATH": str(REPO)}
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "LC_ALL": "C.UTF-8", "PYTHONPATH": str(REPO),
+           **(extra_env or {})}
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--cores", "1", "--resources", "gpu=1", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)

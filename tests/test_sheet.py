@@ -126,3 +126,24 @@ def test_defaults_checked():
     with pytest.raises(SheetError, match="together"):
         check_defaults({**DEFAULTS, "width": 64})
     check_defaults(DEFAULTS)
+
+
+def test_truncated_image_is_caught_by_decoding(sheet_dir):
+    from PIL import Image
+
+    Image.open(sheet_dir / "img" / "a.png").save(sheet_dir / "img" / "full.jpg", quality=95)
+    data = (sheet_dir / "img" / "full.jpg").read_bytes()
+    (sheet_dir / "img" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    found = problems(sheet_dir, "id,image,prompt\nc,img/cut.jpg,x\n")
+    assert "row 1 (id 'c'), column 'image'" in found[0] and "truncated" in found[0]
+    # jobs re-reading the sheet only look at the header, which is intact
+    (sheet_dir / "sheet.csv").write_text("id,image,prompt\nc,img/cut.jpg,x\n")
+    assert read_rows(sheet_dir / "sheet.csv", DEFAULTS, SCHEMA, decode_images=False)[0].id == "c"
+
+
+def test_decompression_bomb_is_refused(sheet_dir):
+    from PIL import Image
+
+    Image.new("1", (9000, 9000)).save(sheet_dir / "img" / "bomb.png")
+    found = problems(sheet_dir, "id,image,prompt\nb,img/bomb.png,x\n")
+    assert "column 'image'" in found[0] and "pixel" in found[0]

@@ -28,8 +28,8 @@ def make_workdir(folder: Path, sheet: str = SHEET) -> Path:
     return folder
 
 
-def snakemake(folder: Path, *args, check=True):
-    return run_snakemake(folder, "--configfile", str(folder / "config.yaml"), *args, check=check)
+def snakemake(folder: Path, *args, check=True, extra_env=None):
+    return run_snakemake(folder, "--configfile", str(folder / "config.yaml"), *args, check=check, extra_env=extra_env)
 
 
 def mtimes(folder: Path) -> dict[str, int]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,17 +32,18 @@ class ArtifactError(RuntimeError):
 
 
 def package_versions() -> dict[str, str]:
-    import diffusers
-    import transformers
+    """Versions of the packages that shape the numbers (read from metadata: importing is slow)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
-    return {
-        "turbowan": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
+    versions = {"turbowan": __version__, "torch": torch.__version__}
+    for name in ("diffusers", "transformers", "turbodiffusion"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
 
 
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -91,6 +93,67 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def data_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: detects corruption inside the data."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def quarantine(path: str | os.PathLike, reason: str) -> Path:
+    """Move a broken artifact aside (to `<name>.broken`) so Snakemake sees it missing and remakes it."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".broken")
+    os.replace(path, aside)
+    return aside
+
+
+def quick_check(path: str | os.PathLike) -> str | None:
+    """Why an artifact is incomplete or not ours, from its header and size alone (cheap), or None."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > 100 * 1024**2:
+                return "header length is implausible"
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        expected = 8 + header_len + max(ends, default=0)
+        if path.stat().st_size != expected:
+            return f"is {path.stat().st_size} bytes, its header says {expected} (truncated or padded)"
+        if META_KEY not in (header.get("__metadata__") or {}):
+            return f"has no '{META_KEY}' record"
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
+        return f"cannot be parsed as safetensors ({err.__class__.__name__}: {err})"
+    return None
+
+
+def sweep(artifacts: Iterable[tuple[str | os.PathLike, list[str | os.PathLike]]]) -> list[str]:
+    """Quarantine every existing artifact that fails quick_check, with what was made from it.
+
+    artifacts: (artifact, [files made from it]). The files made from a broken artifact are moved
+    to `<name>.stale` (nothing is deleted), so Snakemake remakes the whole chain below it.
+    """
+    moved = []
+    for path, made_from_it in artifacts:
+        path = Path(path)
+        problem = quick_check(path) if path.is_file() else None
+        if not problem:
+            continue
+        aside = quarantine(path, problem)
+        stale = []
+        for later in map(Path, made_from_it):
+            if later.exists():
+                os.replace(later, later.with_name(later.name + ".stale"))
+                stale.append(later.name)
+        also = f" (and set aside {', '.join(stale)} made from it)" if stale else ""
+        moved.append(f"{path} {problem}; moved it to {aside.name}{also} and will remake it")
+    return moved
+
+
 def save_artifact(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -101,6 +164,7 @@ def save_artifact(
     """Write tensors + provenance to `path` atomically."""
     record = {
         "stage": stage,
+        "data_sha256": data_digest(tensors),
         "params": dict(params),
         "inputs": {name: fingerprint(p) for name, p in (inputs or {}).items()},
         "versions": package_versions(),
@@ -143,26 +207,30 @@ def load_artifact(
     record = read_record(path)
     if record.get("stage") != stage:
         raise ArtifactError(f"{path}: written by stage {record.get('stage')!r}, expected {stage!r}")
-    tensors: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            names = set(f.keys())
-            for name, (shape, dtype) in expect.items():
-                if name not in names:
-                    raise ArtifactError(f"{path}: has no tensor {name!r} (has {sorted(names)})")
-                tensor = f.get_tensor(name)
-                if tensor.dtype != dtype:
-                    raise ArtifactError(f"{path}: tensor {name!r} is {tensor.dtype}, expected {dtype}")
-                if shape is not None and (
-                    len(shape) != tensor.dim()
-                    or any(s is not None and s != d for s, d in zip(shape, tensor.shape))
-                ):
-                    raise ArtifactError(
-                        f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}"
-                    )
-                tensors[name] = tensor
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise ArtifactError(f"{path}: broken safetensors file ({err})") from err
+        aside = quarantine(path, "broken")
+        raise ArtifactError(f"{path}: broken safetensors file ({err}); moved it to {aside.name}, rerun to remake it") from err
+    if record.get("data_sha256") != data_digest(stored):
+        aside = quarantine(path, "corrupt")
+        raise ArtifactError(
+            f"{path}: corrupt (its data does not match the digest recorded when it was written); "
+            f"moved it to {aside.name}, rerun to remake it"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (shape, dtype) in expect.items():
+        if name not in stored:
+            raise ArtifactError(f"{path}: has no tensor {name!r} (has {sorted(stored)})")
+        tensor = stored[name]
+        if tensor.dtype != dtype:
+            raise ArtifactError(f"{path}: tensor {name!r} is {tensor.dtype}, expected {dtype}")
+        if shape is not None and (
+            len(shape) != tensor.dim() or any(s is not None and s != d for s, d in zip(shape, tensor.shape))
+        ):
+            raise ArtifactError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+        tensors[name] = tensor.to(device)
     if params:
         check_params(path, record, params)
     return tensors, record

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,13 +19,22 @@ class ImageError(ValueError):
     pass
 
 
+@contextmanager
+def _open(path: Path):
+    """Image.open with our own pixel limit check instead of PIL's warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {img.width}x{img.height} is above the {MAX_PIXELS}-pixel limit")
+            yield img
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """An RGB PIL image, EXIF rotation applied; any mode (RGBA, L, I;16, CMYK, P) converted."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {img.width}x{img.height} is above the {MAX_PIXELS}-pixel limit")
+        with _open(path) as img:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit greyscale: scale to 8 bits instead of clipping
@@ -43,9 +54,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) after EXIF rotation, reading only the header."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             width, height = img.size
             orientation = img.getexif().get(0x0112, 1)
+    except ImageError:
+        raise
     except (OSError, Image.DecompressionBombError, ValueError) as err:
         raise ImageError(f"{path}: cannot be read as an image ({err})") from err
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

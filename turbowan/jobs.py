@@ -35,6 +35,20 @@ def _gpu_line() -> str:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
 
 
+FAULT_ENV = "TURBOWAN_INJECT_FAULT"
+
+
+def injected_fault(name: str, log_file: str | None) -> bool:
+    """Whether this job must fail on purpose, for fault-injection tests and drills.
+
+    TURBOWAN_INJECT_FAULT="sample_low:row7,decode:row9" fails those stages of those rows (a job's
+    key is its log file's name: the row id, or the prompt key for encode_prompt).
+    """
+    key = os.path.splitext(os.path.basename(log_file or ""))[0]
+    wanted = {item.strip() for item in os.environ.get(FAULT_ENV, "").split(",") if item.strip()}
+    return f"{name}:{key}" in wanted
+
+
 def run_stage(name: str, log_file: str | None, stage: Callable[..., Any], **kwargs: Any) -> None:
     """Run one stage function with logging; a failure is logged with its traceback and re-raised."""
     _setup_logging(log_file)
@@ -43,6 +57,8 @@ def run_stage(name: str, log_file: str | None, stage: Callable[..., Any], **kwar
     log.info("%s on %s (pid %d); %s", name, socket.gethostname(), os.getpid(), _gpu_line())
     started = time.perf_counter()
     try:
+        if injected_fault(name, log_file):
+            raise RuntimeError(f"fault injected by {FAULT_ENV}")
         stage(**kwargs)
     except Exception:
         log.exception("%s failed after %.1f s", name, time.perf_counter() - started)

@@ -11,10 +11,6 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from diffusers.loaders.single_file_utils import (
-    convert_wan_transformer_to_diffusers,
-    convert_wan_vae_to_diffusers,
-)
 
 # ---------------------------------------------------------------------------------------------
 # DiT (TurboDiffusion's .pth: official Wan names, patch_embedding as a Linear, SLA proj_l extras)
@@ -31,6 +27,8 @@ def clean_dit_key(key: str) -> str:
 def dit_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
     """{diffusers key: official key} for the network weights (SLA keys left out)."""
     cleaned = {clean_dit_key(k): k for k in official_keys}
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
     network = {k: k for k in cleaned if not SLA_KEY.match(k)}
     converted = convert_wan_transformer_to_diffusers(dict(network))
     return {new: cleaned[old] for new, old in converted.items()}
@@ -71,6 +69,8 @@ def dit_key_to_official(key: str) -> str:
 
 def vae_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
     """{diffusers key: official key} for the Wan2.1 VAE."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
     return convert_wan_vae_to_diffusers({k: k for k in official_keys})
 
 

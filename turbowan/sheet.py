@@ -17,7 +17,7 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from .image import ImageError, image_size
+from .image import ImageError, image_size, open_rgb
 from .sizes import PRESETS, choose_size, frames_ok, size_problem
 
 # Folder names under <results> that hold shared files, so they cannot be row ids.
@@ -113,8 +113,14 @@ def load_schema(path: str | Path) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def read_rows(path: str | Path, defaults: Mapping[str, Any], schema: Mapping[str, Any]) -> list[Row]:
-    """Every row of the sheet with defaults filled in, or SheetError listing every problem."""
+def read_rows(
+    path: str | Path, defaults: Mapping[str, Any], schema: Mapping[str, Any], decode_images: bool = True
+) -> list[Row]:
+    """Every row of the sheet with defaults filled in, or SheetError listing every problem.
+
+    decode_images: decode every image fully (catches truncated files); jobs that re-read the
+    sheet skip it, the Snakemake process that plans the batch does it once.
+    """
     path = Path(path)
     if not path.is_file():
         raise SheetError(path, ["the sheet file does not exist"])
@@ -193,6 +199,8 @@ def read_rows(path: str | Path, defaults: Mapping[str, Any], schema: Mapping[str
             else:
                 try:
                     size = image_size(image_path)
+                    if decode_images:
+                        open_rgb(image_path)
                 except ImageError as err:
                     problem("image", str(err))
         elif "image" not in bad:

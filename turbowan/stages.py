@@ -64,13 +64,22 @@ def encode_prompt(
     )
 
 
+def _load_vae(vae: str, dev: torch.device, vae_dtype: str, frugal: int):
+    model = load_vae(vae, dev, resolve_dtype(vae_dtype))
+    if frugal:
+        model.enable_tiling()
+        log.info("retry %d: VAE tiling on, to use less memory than the failed attempt", frugal)
+    return model
+
+
 def encode_image(
-    image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "float32"
+    image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "float32",
+    frugal: int = 0,
 ) -> None:
     video = _video(video)
     dev = resolve_device(device)
     pixels = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
-    model = load_vae(vae, dev, resolve_dtype(vae_dtype))
+    model = _load_vae(vae, dev, vae_dtype, frugal)
     y = encode_condition(model, pixels, video["num_frames"])
     log.info("image %s -> y %s", image, list(y.shape))
     save_artifact(out, {"y": y}, stage="encode_image", params=video, inputs={"image": image, "vae": vae})
@@ -157,13 +166,14 @@ def sample_low(
 
 
 def decode(
-    latent: str, vae: str, out_dir: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "float32"
+    latent: str, vae: str, out_dir: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "float32",
+    frugal: int = 0,
 ) -> None:
     video = _video(video)
     dev = resolve_device(device)
     shape = latent_shape(**video)
     saved, _ = load_artifact(latent, "sample_low", {"x": (shape, torch.float64)}, params=video)
-    model = load_vae(vae, dev, resolve_dtype(vae_dtype))
+    model = _load_vae(vae, dev, vae_dtype, frugal)
     frames = decode_frames(model, saved["x"])  # uint8 [F, H, W, 3]
     expected = (video["num_frames"], video["height"], video["width"], 3)
     if tuple(frames.shape) != expected:
