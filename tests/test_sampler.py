@@ -24,15 +24,15 @@ def conditions(demo_models, tmp_path_factory):
     return text, cond
 
 
-def single_process(demo_models, text, cond, sampling):
-    text_emb = load_artifact(text, "encode_prompt", {"text": (None, torch.bfloat16)})[0]["text"]
-    y = load_artifact(cond, "encode_image", {"y": (None, torch.bfloat16)})[0]["y"]
-    high = load_transformer(demo_models["high"], torch.device("cpu"))
-    low = load_transformer(demo_models["low"], torch.device("cpu"))
+def single_process(demo_models, text, cond, sampling, device="cpu"):
+    text_emb = load_artifact(text, "encode_prompt", {"text": (None, torch.bfloat16)}, device=device)[0]["text"]
+    y = load_artifact(cond, "encode_image", {"y": (None, torch.bfloat16)}, device=device)[0]["y"]
+    high = load_transformer(demo_models["high"], torch.device(device))
+    low = load_transformer(demo_models["low"], torch.device(device))
     return sample_single_process(
         dit_velocity(high, text_emb, y, torch.bfloat16), dit_velocity(low, text_emb, y, torch.bfloat16),
         latent_shape(**VIDEO), sampling["seed"], sampling["num_steps"], sampling["sigma_max"],
-        sampling["boundary"], sampling["ode"], "cpu",
+        sampling["boundary"], sampling["ode"], device,
     )
 
 

@@ -1,0 +1,37 @@
+"""GPU checks (run on a GPU machine: `pytest -m gpu`)."""
+
+import pytest
+import torch
+
+from turbowan import stages
+from turbowan.artifacts import load_artifact
+from turbowan.sizes import latent_shape
+
+from .conftest import write_image
+from .test_sampler import VIDEO, single_process
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("ode", [False, True], ids=["sde", "ode"])
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 4])
+def test_split_equals_single_process_on_cuda(demo_models, tmp_path, ode, num_steps):
+    text, cond = str(tmp_path / "text.safetensors"), str(tmp_path / "cond.safetensors")
+    stages.encode_prompt("a red car", demo_models["text_encoder"], demo_models["tokenizer"], text, "cuda")
+    stages.encode_image(str(write_image(tmp_path / "in.png", 60, 40)), demo_models["vae"], cond, VIDEO, "cuda")
+    sampling = {"seed": 99, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": ode}
+    boundary, latent = str(tmp_path / "b.safetensors"), str(tmp_path / "l.safetensors")
+    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cuda")
+    stages.sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cuda")
+    split = load_artifact(latent, "sample_low", {"x": (latent_shape(**VIDEO), torch.float64)})[0]["x"]
+    reference = single_process(demo_models, text, cond, sampling, device="cuda").cpu()
+    assert torch.equal(split, reference)
+
+
+def test_cuda_noise_differs_from_cpu_noise_for_one_seed(demo_models, tmp_path):
+    """Why artifacts record the device type: a boundary made on CUDA cannot continue on a CPU."""
+    from turbowan.sampler import make_generator
+
+    cpu = torch.randn(8, generator=make_generator(1, "cpu"))
+    gpu = torch.randn(8, generator=make_generator(1, "cuda"), device="cuda").cpu()
+    assert not torch.equal(cpu, gpu)
