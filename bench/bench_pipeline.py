@@ -182,7 +182,8 @@ def run_pipeline(rows, models, results: Path, attention: str) -> list[dict]:
                 f"run_stage({stage!r}, {str(log)!r}, getattr(stages, {stage!r}), **json.loads(sys.argv[1]))")
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
         wall = time.perf_counter() - started
         if proc.returncode:
             raise SystemExit(f"{stage} {key} failed:\n{proc.stderr[-3000:]}")
