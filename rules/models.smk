@@ -16,3 +16,68 @@ rule make_demo_models:
         "../envs/turbowan.yaml"
     script:
         "../scripts/make_demo_models.py"
+
+
+# A .pth checkpoint (a pickle) is converted once into safetensors, so that every later job
+# streams its weights straight to the GPU. Cached: it reruns only when the .pth changes.
+rule prepare_models:
+    input:
+        source=lambda wildcards: MODEL_PLAN.conversions[wildcards.name][1],
+    output:
+        f"{PREPARED}/{{name}}.safetensors",
+    params:
+        role=lambda wildcards: MODEL_PLAN.conversions[wildcards.name][0],
+    log:
+        f"{PREPARED}/logs/{{name}}.log",
+    benchmark:
+        f"{PREPARED}/logs/{{name}}.benchmark.tsv"
+    wildcard_constraints:
+        name="|".join(map(re.escape, MODEL_PLAN.conversions)) or "(?!)",
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/prepare_models.py"
+
+
+# Model files named under the config's `download` that do not exist yet; offline, the job fails
+# at once listing every file to fetch and where to put it. `snakemake download_models` fetches all.
+DOWNLOADS = {item.dest: item for item in MODEL_PLAN.downloads}
+
+
+rule download_models:
+    input:
+        list(DOWNLOADS),
+
+
+rule download_model:
+    output:
+        "{download_path}",
+    params:
+        item=lambda wildcards: DOWNLOADS[wildcards.download_path],
+        missing=list(DOWNLOADS.values()),
+    log:
+        f"{RESULTS}/logs/download_models/{{download_path}}.log",
+    wildcard_constraints:
+        download_path="|".join(re.escape(p) for p, item in DOWNLOADS.items() if not item.folder) or "(?!)",
+    localrule: True
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/download_model.py"
+
+
+rule download_folder:
+    output:
+        directory("{download_dir}"),
+    params:
+        item=lambda wildcards: DOWNLOADS[wildcards.download_dir],
+        missing=list(DOWNLOADS.values()),
+    log:
+        f"{RESULTS}/logs/download_models/{{download_dir}}.log",
+    wildcard_constraints:
+        download_dir="|".join(re.escape(p) for p, item in DOWNLOADS.items() if item.folder) or "(?!)",
+    localrule: True
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/download_model.py"
