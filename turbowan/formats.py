@@ -401,14 +401,15 @@ def _t5_ignored(key: str) -> bool:
 
 def _inspect_t5_hf(path: Path, container: str, index: Mapping[str, TensorInfo]) -> ModelInfo:
     encoder = {k: v for k, v in index.items() if not _t5_ignored(k)}
-    layers = _check_blocks_complete(path, encoder, HF_T5_BLOCK, "T5 encoder")
     attn = "encoder.block.{}.layer.0.SelfAttention."
+    layers = _layer_count(encoder, r"encoder\.block\.(\d+)\.")
     has_bias = [i for i in range(layers) if attn.format(i) + "relative_attention_bias.weight" in encoder]
-    if has_bias == [0]:
+    if has_bias == [0] and layers > 1:
         raise CheckpointError(
             f"{path}: a T5 encoder (position bias only in block 0, e.g. t5-v1_1-xxl), not umT5; Wan needs "
             "umT5-XXL (a position bias in every block)"
         )
+    layers = _check_blocks_complete(path, encoder, HF_T5_BLOCK, "T5 encoder")
     embed = encoder.get("shared.weight") or encoder.get("encoder.embed_tokens.weight")
     needed = [attn.format(0) + "q.weight", "encoder.final_layer_norm.weight",
               "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"]
