@@ -69,9 +69,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                            blkq: int = BLKQ, blkk: int = BLKK) -> torch.Tensor:
     """Softmax attention of each query block over its chosen key blocks only; (B, H, L, D) in q's dtype.
 
-    Scores and sums in fp32; probabilities rounded to v's dtype before the product with v.
+    Scores and sums in fp32 (or q's dtype if wider); probabilities rounded to v's dtype before the
+    product with v, as the kernel does.
     """
     B, H, L, D = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
     m_blocks, n_blocks, chosen = math.ceil(L / blkq), math.ceil(L / blkk), blocks.shape[-1]
     qb = F.pad(q, (0, 0, 0, m_blocks * blkq - L)).view(B, H, m_blocks, blkq, D)
     kb = F.pad(k, (0, 0, 0, n_blocks * blkk - L)).view(B, H, n_blocks, blkk, D)
@@ -87,10 +89,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         keys = kb[b_idx, h_idx, idx].reshape(B, H, c, chosen * blkk, D)
         values = vb[b_idx, h_idx, idx].reshape(B, H, c, chosen * blkk, D)
         valid = ((idx * blkk)[..., None] + key_pos < L).reshape(B, H, c, 1, chosen * blkk)
-        scores = (qb[:, :, m0:m0 + c].float() @ keys.float().transpose(-1, -2)) * D**-0.5  # (B,H,c,blkq,keys)
+        scores = (qb[:, :, m0:m0 + c].to(acc) @ keys.to(acc).transpose(-1, -2)) * D**-0.5  # (B,H,c,blkq,keys)
         scores = scores.masked_fill(~valid, float("-inf"))
         p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        o = (p.to(v.dtype).float() @ values.float()) / p.sum(dim=-1, keepdim=True)
+        o = (p.to(v.dtype).to(acc) @ values.to(acc)) / p.sum(dim=-1, keepdim=True)
         out.append(o.to(q.dtype))
     return torch.cat(out, dim=2).reshape(B, H, m_blocks * blkq, D)[:, :, :L]
 
