@@ -39,45 +39,28 @@ rule prepare_models:
         "../scripts/prepare_models.py"
 
 
-# Model files named under the config's `download` that do not exist yet; offline, the job fails
-# at once listing every file to fetch and where to put it. `snakemake download_models` fetches all.
-DOWNLOADS = {item.dest: item for item in MODEL_PLAN.downloads}
-
-
+# Model files named under the config's `download` that do not exist yet, one rule each
+# (download_high, download_tokenizer, ...); offline, a download fails at once listing every file to
+# fetch and where to put it. `snakemake download_models` fetches them all.
 rule download_models:
     input:
-        list(DOWNLOADS),
+        [item.dest for item in MODEL_PLAN.downloads],
 
 
-rule download_model:
-    output:
-        "{download_path}",
-    params:
-        item=lambda wildcards: DOWNLOADS[wildcards.download_path],
-        missing=list(DOWNLOADS.values()),
-    log:
-        f"{RESULTS}/logs/download_models/{{download_path}}.log",
-    wildcard_constraints:
-        download_path="|".join(re.escape(p) for p, item in DOWNLOADS.items() if not item.folder) or "(?!)",
-    localrule: True
-    conda:
-        "../envs/turbowan.yaml"
-    script:
-        "../scripts/download_model.py"
+for _item in MODEL_PLAN.downloads:
 
-
-rule download_folder:
-    output:
-        directory("{download_dir}"),
-    params:
-        item=lambda wildcards: DOWNLOADS[wildcards.download_dir],
-        missing=list(DOWNLOADS.values()),
-    log:
-        f"{RESULTS}/logs/download_models/{{download_dir}}.log",
-    wildcard_constraints:
-        download_dir="|".join(re.escape(p) for p, item in DOWNLOADS.items() if item.folder) or "(?!)",
-    localrule: True
-    conda:
-        "../envs/turbowan.yaml"
-    script:
-        "../scripts/download_model.py"
+    rule:
+        name:
+            f"download_{_item.role}"
+        output:
+            directory(_item.dest) if _item.folder else _item.dest,
+        params:
+            item=_item,
+            missing=MODEL_PLAN.downloads,
+        log:
+            f"{RESULTS}/logs/download_models/{_item.role}.log",
+        localrule: True
+        conda:
+            "../envs/turbowan.yaml"
+        script:
+            "../scripts/download_model.py"

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ def download(item: HubFile, still_missing: list[HubFile]) -> None:
     dest = Path(item.dest)
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise DownloadError(_offline_message("HF_HUB_OFFLINE is set", still_missing))
+    unreachable = _unreachable()
+    if unreachable:
+        raise DownloadError(_offline_message(unreachable, still_missing))
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".download", dir=dest.parent))
     try:
@@ -91,6 +96,21 @@ def download(item: HubFile, still_missing: list[HubFile]) -> None:
         raise DownloadError(_offline_message(f"{type(err).__name__}: {err}", still_missing)) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unreachable(timeout: float = 5.0) -> str | None:
+    """Why the hub cannot be reached (a quick TCP connect; huggingface_hub itself retries for ~20 s), or None.
+
+    Skipped behind a proxy, where only the proxy knows."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{endpoint.hostname}:{port} is not reachable: {err}"
+    return None
 
 
 def _offline_message(reason: str, files: list[HubFile]) -> str:
