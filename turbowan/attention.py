@@ -14,8 +14,9 @@ runs in bf16 (the softmax part accumulates in fp32), as the kernel does.
 On a GPU with the `turbodiffusion` package the Triton kernel (`turbodiffusion.SLA`) runs; elsewhere
 `SparseLinearAttention` below computes the same formula in plain torch, block-sparse (it only
 touches the chosen key blocks). The one deliberate difference: with fewer than 1/topk key blocks
-the kernel would choose 0 blocks and return NaN; here at least one block is chosen (only tiny
-videos, like the demo's, have so few tokens).
+the kernel would choose 0 blocks and return NaN; here at least one block is chosen, and on a GPU
+such inputs take the plain-torch path (only tiny videos, like the demo's, have so few tokens:
+real ones have thousands of key blocks).
 
 SLA replaces only self-attention's core (attn1, after the q/k RMS norms and RoPE); cross-attention
 stays plain. `sdpa` on an SLA checkpoint drops the linear branch (proj_l unused): not the network
@@ -106,15 +107,26 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 
 
 class SparseLinearAttention(torch.nn.Module):
-    """Plain-torch SLA: takes and returns (B, L, H, D), like turbodiffusion.SLA.SparseLinearAttention."""
+    """SLA: takes and returns (B, L, H, D), like turbodiffusion.SLA.SparseLinearAttention.
+
+    `kernel`: None computes the formula in plain torch; otherwise a turbodiffusion SLA / SageSLA
+    module, which runs instead when the inputs are on a GPU and there are enough key blocks for
+    it to choose at least one (else it would return NaN). It shares this module's proj_l, so the
+    checkpoint's weights load into `proj_l` either way.
+    """
 
     def __init__(self, head_dim: int, topk: float, blkq: int = BLKQ, blkk: int = BLKK,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+                 compute_dtype: torch.dtype = torch.bfloat16, kernel: torch.nn.Module | None = None):
         super().__init__()
         self.topk, self.blkq, self.blkk, self.compute_dtype = topk, blkq, blkk, compute_dtype
         self.proj_l = torch.nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        self._kernel = [kernel] if kernel is not None else []  # a list: not a registered submodule
+        if kernel is not None:
+            kernel.proj_l = self.proj_l
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self._kernel and q.is_cuda and int(self.topk * math.ceil(q.shape[1] / self.blkk)) >= 1:
+            return self._kernel[0](q, k, v)
         dtype = q.dtype
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         blocks = sla_block_map(q, k, self.topk, self.blkq, self.blkk)  # chosen on the inputs' dtype
@@ -125,7 +137,8 @@ class SparseLinearAttention(torch.nn.Module):
         return (o_s + o_l).to(dtype).transpose(1, 2)
 
     def extra_repr(self) -> str:
-        return f"topk={self.topk}, blocks={self.blkq}x{self.blkk}, plain torch"
+        kernel = type(self._kernel[0]).__name__ + " on GPU" if self._kernel else "plain torch"
+        return f"topk={self.topk}, blocks={self.blkq}x{self.blkk}, {kernel}"
 
 
 # --------------------------------------------------------------------------- inside diffusers' network
@@ -170,8 +183,10 @@ def _sagesla_available() -> bool:
     return sla is not None and bool(getattr(sla.core, "SAGESLA_ENABLED", False))
 
 
-def resolve_attention(mode: str, has_sla: bool, device: torch.device, path: str) -> tuple[str, str]:
-    """(mode, implementation) for a checkpoint: auto -> sla when it has SLA weights, else sdpa."""
+def resolve_attention(mode: str, has_sla: bool, device: torch.device, path: str, kernels: bool = True) -> tuple[str, str]:
+    """(mode, implementation) for a checkpoint: auto -> sla when it has SLA weights, else sdpa.
+
+    kernels=False keeps to plain torch even where turbodiffusion's kernels could run."""
     if mode not in ATTENTION_MODES:
         raise AttentionConfigError(f"attention: {mode!r} is not one of {', '.join(ATTENTION_MODES)}")
     if mode == "auto":
@@ -182,14 +197,14 @@ def resolve_attention(mode: str, has_sla: bool, device: torch.device, path: str)
             "weights); this file has none: use attention: sdpa (or auto)"
         )
     if mode == "sagesla":
-        if device.type != "cuda" or not _sagesla_available():
+        if device.type != "cuda" or not kernels or not _sagesla_available():
             raise AttentionConfigError(
                 "attention: sagesla needs a CUDA GPU with the turbodiffusion package and SpargeAttn "
                 "(spas_sage_attn, not on PyPI) installed; use sla instead"
             )
         return mode, "turbodiffusion SageSLA"
     if mode == "sla":
-        kernel = device.type == "cuda" and _turbodiffusion_sla() is not None
+        kernel = kernels and device.type == "cuda" and _turbodiffusion_sla() is not None
         return mode, "turbodiffusion SLA (Triton)" if kernel else "plain torch SLA"
     return mode, "SDPA"
 
@@ -205,12 +220,12 @@ def install_attention(model: torch.nn.Module, mode: str, implementation: str, to
     head_dim = model.config.attention_head_dim
     for block in model.blocks:
         with torch.device("meta"):
+            kernel = None
             if implementation.startswith("turbodiffusion SageSLA"):
-                core = _turbodiffusion_sla().SageSparseLinearAttention(head_dim=head_dim, topk=topk)
+                kernel = _turbodiffusion_sla().SageSparseLinearAttention(head_dim=head_dim, topk=topk)
             elif implementation.startswith("turbodiffusion"):
-                core = _turbodiffusion_sla().SparseLinearAttention(head_dim=head_dim, topk=topk, BLKQ=BLKQ, BLKK=BLKK)
-            else:
-                core = SparseLinearAttention(head_dim, topk)
+                kernel = _turbodiffusion_sla().SparseLinearAttention(head_dim=head_dim, topk=topk, BLKQ=BLKQ, BLKK=BLKK)
+            core = SparseLinearAttention(head_dim, topk, kernel=kernel)
         parent, _, name = SLA_MODULE.rpartition(".")
         setattr(getattr(block, parent), name, core)
         block.attn1.set_processor(SLAAttnProcessor())

@@ -89,12 +89,14 @@ def int8_backend(device: torch.device) -> str:
     return "turbodiffusion" if device.type == "cuda" and turbodiffusion_int8_linear() is not None else "torch"
 
 
-def swap_in_int8_linears(model: torch.nn.Module, names: list[str], device: torch.device, dtype: torch.dtype) -> str:
+def swap_in_int8_linears(model: torch.nn.Module, names: list[str], device: torch.device, dtype: torch.dtype,
+                         kernels: bool = True) -> str:
     """Replace the nn.Linear modules `names` (diffusers module paths) by empty int8 linears; returns the backend.
 
     The new modules are made on the meta device: their buffers are filled by load_state_dict(assign=True).
+    kernels=False keeps to the plain-torch BlockInt8Linear.
     """
-    backend = int8_backend(device)
+    backend = int8_backend(device) if kernels else "torch"
     cls = turbodiffusion_int8_linear() if backend == "turbodiffusion" else BlockInt8Linear
     for name in names:
         parent_name, _, child = name.rpartition(".")

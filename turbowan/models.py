@@ -102,13 +102,15 @@ def load_transformer(
     dtype: torch.dtype = torch.bfloat16,
     attention: str = "auto",
     sla_topk: float = 0.1,
+    kernels: bool = True,
 ):
     """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
 
     Weights go to `dtype` except the modules diffusers keeps in float32 (time embedder, norms,
     modulation tables) and SLA's proj_l, which stay float32 as REFERENCE.md section 4 recommends;
     int8 layers keep their int8 weights and float32 scales (turbowan.int8). `attention`:
-    auto | sla | sagesla | sdpa (turbowan.attention).
+    auto | sla | sagesla | sdpa (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a
+    GPU with turbodiffusion (for comparisons).
     """
     from diffusers import WanTransformer3DModel
 
@@ -116,7 +118,7 @@ def load_transformer(
     started = time.perf_counter()
     info = _inspect(path, "dit")
     config = dit_model_config(info)
-    mode, implementation = resolve_attention(attention, info.sla, device, str(path))
+    mode, implementation = resolve_attention(attention, info.sla, device, str(path), kernels)
     table = dit_rename_table(info.index)
     if mode == "sdpa":
         table = {k: v for k, v in table.items() if f".{SLA_MODULE}." not in k}
@@ -124,7 +126,7 @@ def load_transformer(
 
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel(**config)
-    int8_backend = swap_in_int8_linears(model, int8_modules, device, dtype) if int8_modules else None
+    int8_backend = swap_in_int8_linears(model, int8_modules, device, dtype, kernels) if int8_modules else None
     install_attention(model, mode, implementation, sla_topk)
     keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules) | {"proj_l"}
     int8_set = set(int8_modules)
