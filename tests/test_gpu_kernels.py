@@ -32,7 +32,7 @@ def turbo_sla():
     from turbowan.attention import _turbodiffusion_sla
 
     sla = _turbodiffusion_sla()
-    assert sla is not None, "turbodiffusion.SLA does not import: pip install turbodiffusion --no-build-isolation --no-deps"
+    assert sla is not None, "turbodiffusion.SLA does not import (pip install turbodiffusion --no-build-isolation)"
     return sla
 
 

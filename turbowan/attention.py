@@ -183,7 +183,9 @@ def _sagesla_available() -> bool:
     return sla is not None and bool(getattr(sla.core, "SAGESLA_ENABLED", False))
 
 
-def resolve_attention(mode: str, has_sla: bool, device: torch.device, path: str, kernels: bool = True) -> tuple[str, str]:
+def resolve_attention(
+    mode: str, has_sla: bool, device: torch.device, path: str, kernels: bool = True
+) -> tuple[str, str]:
     """(mode, implementation) for a checkpoint: auto -> sla when it has SLA weights, else sdpa.
 
     kernels=False keeps to plain torch even where turbodiffusion's kernels could run."""
