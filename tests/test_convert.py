@@ -55,3 +55,39 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"x": NotTensors()}, str(source))
     with pytest.raises(CheckpointError, match=rf"{source}: refused to load"):
         prepare_model(str(source), str(tmp_path / "out.safetensors"), "high")
+
+
+def test_conversion_holds_no_second_copy_of_the_checkpoint(tmp_path):
+    """Anonymous memory (not the mapped source pages) grows far less than the checkpoint's size."""
+    import threading
+    import time
+
+    from turbowan.demo import DEMO_DIT, dit_tensors
+
+    config = {**DEMO_DIT, "num_attention_heads": 8, "ffn_dim": 8192, "num_layers": 4}
+    source = tmp_path / "expert.pth"
+    torch.save({f"net.{k}": v for k, v in dit_tensors(0, config).items()}, str(source))
+    size_kb = source.stat().st_size / 1024  # ~200 MB
+
+    def anon_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+
+    peak, done = [anon_kb()], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak.append(anon_kb())
+            time.sleep(0.002)
+
+    prepare_model(str(source), str(tmp_path / "warm.safetensors"), "high")  # imports and caches warmed up
+    start = anon_kb()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        prepare_model(str(source), str(tmp_path / "expert.safetensors"), "high")
+    finally:
+        done.set()
+        watcher.join()
+    growth = max(peak) - start
+    assert growth < size_kb / 4, (growth, size_kb)

@@ -12,6 +12,8 @@ the checkpoint: its peak is one tensor's copy at most (a non-contiguous tensor; 
 largest A14B weight, 13824 x 5120 bf16). The pages of the mapped source count towards the reported
 RSS as they are read, but they are clean page cache that the kernel drops under pressure, not a
 second copy (safetensors' save_file, by contrast, builds the whole output in memory first).
+Checked by tests/test_convert.py: converting a 200 MB expert grows the job's anonymous memory by
+well under 1 MB (copying each tensor first would add the full 200 MB).
 """
 
 from __future__ import annotations
