@@ -168,11 +168,13 @@ def clean_dit_key(key: str) -> str:
     return key
 
 
+# HF CLIP, Wan2.1's open-clip XLM-RoBERTa CLIP, OpenAI CLIP
+_CLIP_PREFIXES = ("text_model.", "vision_model.", "textual.", "visual.", "transformer.resblocks.")
+
+
 def _known_wrong(keys: set[str]) -> str | None:
     """A sentence for files people often give by mistake, or None."""
-    if any(k.startswith(("text_model.", "vision_model.")) for k in keys) or any(
-        k.startswith(("textual.", "visual.")) for k in keys
-    ) or any(".transformer.resblocks." in k or k.startswith("transformer.resblocks.") for k in keys):
+    if any(k.startswith(_CLIP_PREFIXES) or ".transformer.resblocks." in k for k in keys):
         return "a CLIP model (text_model.* / textual.* / visual.* keys)"
     if any(".attn1.to_q." in k for k in keys) and any(k.startswith("condition_embedder.") for k in keys):
         return ("a Wan DiT in diffusers' layout (attn1.to_q, condition_embedder.*); give the single-file "
