@@ -113,7 +113,7 @@ DEMO_MODELS = {
 }
 PREPARED = config["prepared_models"].rstrip("/")
 try:
-    MODEL_PLAN = plan_models(MODELS, PREPARED, DEMO_MODELS, config["download"])
+    MODEL_PLAN = plan_models(MODELS, PREPARED, DEMO_MODELS, config["download"], check=workflow.is_main_process)
 except CheckpointError as err:
     raise WorkflowError(str(err)) from None
 if MODEL_PLAN.problems:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-
 from .formats import SLA_KEY, clean_dit_key
 
 # ---------------------------------------------------------------------------------------------
@@ -24,9 +23,9 @@ SLA_MODULE = "attn1.sla"
 def dit_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
     """{diffusers key: official key} for the network weights, int8 (`int8_weight`, `scale`) and SLA
     (`blocks.N.attn1.sla.proj_l.*`) tensors included."""
-    cleaned = {clean_dit_key(k): k for k in official_keys}
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
+    cleaned = {clean_dit_key(k): k for k in official_keys}
     network = {k: k for k in cleaned if not SLA_KEY.match(k)}
     converted = convert_wan_transformer_to_diffusers(dict(network))
     table = {new: cleaned[old] for new, old in converted.items()}

@@ -44,9 +44,11 @@ def plan_models(
     prepared_dir: str,
     made_by_workflow: Mapping[str, str] | None = None,
     download: Mapping[str, Mapping[str, str]] | None = None,
+    check: bool = True,
 ) -> ModelPlan:
     """Resolve the config's `models` (see the module docstring). `made_by_workflow`: role -> path that a
-    rule of the workflow creates (the demo models), so it may be missing now."""
+    rule of the workflow creates (the demo models), so it may be missing now. check=False skips
+    recognising the files (a job's own parse of the workflow: the main process checked them)."""
     plan = ModelPlan()
     made = made_by_workflow or {}
     wanted = {f.role: f for f in hub_files(models, download or {})}
@@ -79,7 +81,7 @@ def plan_models(
             read = f"{prepared_dir.rstrip('/')}/{name}.safetensors"
             plan.conversions[name] = (role, path)
         plan.inputs[role] = read
-        if exists:  # check it now: the prepared copy when it is current (a header read), else the file
+        if exists and check:  # check it now: the prepared copy when it is current (a header read), else the file
             checked = read if convert and _up_to_date(read, path) else path
             try:
                 infos[role] = check_role(inspect_model(checked), role)
