@@ -1,5 +1,6 @@
 # The sheet, paths and input functions shared by every rule.
 import os
+import re
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -10,6 +11,8 @@ from snakemake.logging import logger
 sys.path.insert(0, workflow.basedir)
 
 from turbowan.artifacts import sweep  # noqa: E402
+from turbowan.formats import CheckpointError  # noqa: E402
+from turbowan.modelfiles import plan_models  # noqa: E402
 from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows  # noqa: E402
 
 RESULTS = config["results"].rstrip("/")
@@ -98,7 +101,9 @@ def all_videos():
     return expand(f"{RESULTS}/{{id}}/video.mp4", id=ROWS)
 
 
-# The demo models are made by rule make_demo_models; any other model file must exist already.
+# The demo models are made by rule make_demo_models; any other model file must exist already
+# (or be listed under `download`). A .pth is converted once by prepare_models; every file that
+# exists is recognised now, so a wrong one stops the run before any job starts.
 DEMO_MODELS = {
     "high": "resources/demo-models/high_noise.safetensors",
     "low": "resources/demo-models/low_noise.safetensors",
@@ -106,10 +111,12 @@ DEMO_MODELS = {
     "text_encoder": "resources/demo-models/umt5-encoder.safetensors",
     "tokenizer": "resources/demo-models/umt5-tokenizer",
 }
-_missing_models = [
-    f"models.{key}: {MODELS[key]} does not exist"
-    for key in DEMO_MODELS
-    if MODELS[key] != DEMO_MODELS[key] and not os.path.exists(MODELS[key])
-]
-if _missing_models:
-    raise WorkflowError("model files not found (check the config's `models`):\n  " + "\n  ".join(_missing_models))
+PREPARED = config["prepared_models"].rstrip("/")
+try:
+    MODEL_PLAN = plan_models(MODELS, PREPARED, DEMO_MODELS, config["download"], check=workflow.is_main_process)
+except CheckpointError as err:
+    raise WorkflowError(str(err)) from None
+if MODEL_PLAN.problems:
+    raise WorkflowError("model files (check the config's `models`):\n  " + "\n  ".join(MODEL_PLAN.problems))
+# role -> the file the stages read (the prepared safetensors for a .pth)
+MODEL_INPUTS = MODEL_PLAN.inputs

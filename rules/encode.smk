@@ -3,8 +3,8 @@
 
 rule encode_prompt:
     input:
-        text_encoder=MODELS["text_encoder"],
-        tokenizer=MODELS["tokenizer"],
+        text_encoder=MODEL_INPUTS["text_encoder"],
+        tokenizer=MODEL_INPUTS["tokenizer"],
     output:
         f"{RESULTS}/prompts/{{prompt_key}}/text.safetensors",
     params:
@@ -26,7 +26,7 @@ rule encode_prompt:
 rule encode_image:
     input:
         image=lambda wildcards: ROWS[wildcards.id].image,
-        vae=MODELS["vae"],
+        vae=MODEL_INPUTS["vae"],
     output:
         row_dir("cond.safetensors"),
     params:

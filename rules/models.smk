@@ -16,3 +16,51 @@ rule make_demo_models:
         "../envs/turbowan.yaml"
     script:
         "../scripts/make_demo_models.py"
+
+
+# A .pth checkpoint (a pickle) is converted once into safetensors, so that every later job
+# streams its weights straight to the GPU. Cached: it reruns only when the .pth changes.
+rule prepare_models:
+    input:
+        source=lambda wildcards: MODEL_PLAN.conversions[wildcards.name][1],
+    output:
+        f"{PREPARED}/{{name}}.safetensors",
+    params:
+        role=lambda wildcards: MODEL_PLAN.conversions[wildcards.name][0],
+    log:
+        f"{PREPARED}/logs/{{name}}.log",
+    benchmark:
+        f"{PREPARED}/logs/{{name}}.benchmark.tsv"
+    wildcard_constraints:
+        name="|".join(map(re.escape, MODEL_PLAN.conversions)) or "(?!)",
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/prepare_models.py"
+
+
+# Model files named under the config's `download` that do not exist yet, one rule each
+# (download_high, download_tokenizer, ...); offline, a download fails at once listing every file to
+# fetch and where to put it. `snakemake download_models` fetches them all.
+rule download_models:
+    input:
+        [item.dest for item in MODEL_PLAN.downloads],
+
+
+for _item in MODEL_PLAN.downloads:
+
+    rule:
+        name:
+            f"download_{_item.role}"
+        output:
+            directory(_item.dest) if _item.folder else _item.dest,
+        params:
+            item=_item,
+            missing=MODEL_PLAN.downloads,
+        log:
+            f"{RESULTS}/logs/download_models/{_item.role}.log",
+        localrule: True
+        conda:
+            "../envs/turbowan.yaml"
+        script:
+            "../scripts/download_model.py"

@@ -6,7 +6,7 @@ rule sample_high:
     input:
         text=text_for_row,
         cond=row_dir("cond.safetensors"),
-        expert=MODELS["high"],
+        expert=MODEL_INPUTS["high"],
     output:
         row_dir("boundary.safetensors"),
     params:
@@ -14,6 +14,8 @@ rule sample_high:
         video=video_params,
         device=config["device"],
         dtype=config["dtype"],
+        attention=config["attention"],
+        sla_topk=config["sla_topk"],
     log:
         log_path("sample_high"),
     benchmark:
@@ -32,7 +34,7 @@ rule sample_low:
         text=text_for_row,
         cond=row_dir("cond.safetensors"),
         boundary=row_dir("boundary.safetensors"),
-        expert=MODELS["low"],
+        expert=MODEL_INPUTS["low"],
     output:
         row_dir("latent.safetensors"),
     params:
@@ -40,6 +42,8 @@ rule sample_low:
         video=video_params,
         device=config["device"],
         dtype=config["dtype"],
+        attention=config["attention"],
+        sla_topk=config["sla_topk"],
     log:
         log_path("sample_low"),
     benchmark:

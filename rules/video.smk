@@ -4,7 +4,7 @@
 rule decode:
     input:
         latent=row_dir("latent.safetensors"),
-        vae=MODELS["vae"],
+        vae=MODEL_INPUTS["vae"],
     output:
         frames=frames_output(),
     params:

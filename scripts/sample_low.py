@@ -12,4 +12,6 @@ run_stage(
     video=snakemake.params.video,
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
+    attention=snakemake.params.attention,
+    sla_topk=snakemake.params.sla_topk,
 )

@@ -4,7 +4,11 @@ Nothing can be downloaded here, and the demo must run on a CPU in minutes, so th
 uses these: the Wan2.2 DiT (128-wide heads like the real one, but 2 heads and 2 layers), the Wan2.1
 VAE (its real block structure, 8 base channels instead of 96), the umT5 encoder (2 layers, width
 32) and a small tokenizer built offline. The files use the official key names, so the loaders
-the demo exercises are the ones real checkpoints go through. The videos they make are noise.
+the demo exercises are the ones real checkpoints go through, and the experts carry SLA `proj_l`
+weights like TurboDiffusion's. The videos they make are noise.
+
+`write_official_pth` re-saves a demo file as a `.pth` the way the official tools do (for the DiT:
+a `net.` prefix and `_checkpoint_wrapped_module.` pieces), to exercise prepare_models.
 """
 
 from __future__ import annotations
@@ -40,18 +44,55 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def make_dit(path: Path, seed: int) -> None:
-    """An expert in TurboDiffusion's layout: official names, bf16, patch_embedding as a Linear."""
+def dit_tensors(seed: int, config: dict | None = None, sla: bool = True) -> dict[str, torch.Tensor]:
+    """A random expert's tensors in TurboDiffusion's layout: official names, bf16, patch_embedding as
+    a Linear [dim, 144], and (sla=True) SLA's proj_l [128, 128] + bias in every block."""
     from diffusers import WanTransformer3DModel
 
+    config = config or DEMO_DIT
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**DEMO_DIT)
+    model = WanTransformer3DModel(**config)
     tensors = {}
     for key, value in model.state_dict().items():
         if key == "patch_embedding.weight":
             value = value.reshape(value.shape[0], -1)  # [dim, 36*1*2*2], as TurboDiffusion stores it
         tensors[dit_key_to_official(key)] = value.to(torch.bfloat16)
-    _save(tensors, path)
+    if sla:
+        head_dim = config["attention_head_dim"]
+        for i in range(config["num_layers"]):
+            proj = torch.nn.Linear(head_dim, head_dim)  # trained proj_l are not zero: random, like the rest
+            prefix = f"blocks.{i}.self_attn.attn_op.local_attn.proj_l"
+            tensors[f"{prefix}.weight"] = proj.weight.detach().to(torch.bfloat16)
+            tensors[f"{prefix}.bias"] = proj.bias.detach().to(torch.bfloat16)
+    return tensors
+
+
+def make_dit(path: Path, seed: int) -> None:
+    """A demo expert (SLA weights included), saved as safetensors in the official layout."""
+    _save(dit_tensors(seed), path)
+
+
+def _official_pth_key(key: str) -> str:
+    """DiT key as TurboDiffusion's training checkpoints write it: net.blocks.N._checkpoint_wrapped_module.*"""
+    parts = key.split(".")
+    if parts[0] == "blocks":
+        parts.insert(2, "_checkpoint_wrapped_module")
+    return "net." + ".".join(parts)
+
+
+def write_official_pth(source: str | Path, out: str | Path, dit_wrappers: bool | None = None) -> None:
+    """Re-save a safetensors model file as a .pth state dict (torch.save), same tensors and dtypes.
+
+    A DiT gets the `net.` / `_checkpoint_wrapped_module.` wrappers unless dit_wrappers=False.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(source))
+    is_dit = "patch_embedding.weight" in tensors
+    if is_dit and dit_wrappers is not False:
+        tensors = {_official_pth_key(k): v for k, v in tensors.items()}
+    with atomic_path(out) as tmp:
+        torch.save(tensors, str(tmp))
 
 
 def make_vae(path: Path, seed: int) -> None:

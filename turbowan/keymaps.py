@@ -11,27 +11,28 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from .formats import SLA_KEY, clean_dit_key
 
 # ---------------------------------------------------------------------------------------------
 # DiT (TurboDiffusion's .pth: official Wan names, patch_embedding as a Linear, SLA proj_l extras)
 
-SLA_KEY = re.compile(r"^blocks\.(\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(weight|bias)$")
-
-
-def clean_dit_key(key: str) -> str:
-    """Strip the wrappers the official loader strips: a `net.` prefix, `_checkpoint_wrapped_module.`."""
-    key = key.replace("_checkpoint_wrapped_module.", "")
-    return key[len("net."):] if key.startswith("net.") else key
+# Where the SLA proj_l weights live on the diffusers side: a `sla` module beside attn1's projections.
+SLA_MODULE = "attn1.sla"
 
 
 def dit_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
-    """{diffusers key: official key} for the network weights (SLA keys left out)."""
-    cleaned = {clean_dit_key(k): k for k in official_keys}
+    """{diffusers key: official key} for the network weights, int8 (`int8_weight`, `scale`) and SLA
+    (`blocks.N.attn1.sla.proj_l.*`) tensors included."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
+    cleaned = {clean_dit_key(k): k for k in official_keys}
     network = {k: k for k in cleaned if not SLA_KEY.match(k)}
     converted = convert_wan_transformer_to_diffusers(dict(network))
-    return {new: cleaned[old] for new, old in converted.items()}
+    table = {new: cleaned[old] for new, old in converted.items()}
+    for key, original in cleaned.items():
+        if m := SLA_KEY.match(key):
+            table[f"blocks.{m[1]}.{SLA_MODULE}.proj_l.{m[2]}"] = original
+    return table
 
 
 _DIT_TO_OFFICIAL = [
@@ -56,6 +57,8 @@ def dit_key_to_official(key: str) -> str:
     """diffusers WanTransformer3DModel key -> official Wan key (inverse of dit_rename_table)."""
     if key == "scale_shift_table":
         return "head.modulation"
+    if m := re.match(rf"^blocks\.(\d+)\.{re.escape(SLA_MODULE)}\.proj_l\.(weight|bias)$", key):
+        return f"blocks.{m[1]}.self_attn.attn_op.local_attn.proj_l.{m[2]}"
     key = key.replace(".scale_shift_table", ".modulation")
     for new, old in _DIT_TO_OFFICIAL:
         key = key.replace(new, old)

@@ -1,56 +1,86 @@
 """Build the three networks from checkpoint files, streaming tensors straight to the device.
 
-A loader opens a safetensors file, reads the network's sizes from the tensor shapes, builds the
-diffusers / transformers module with empty (meta) parameters, then moves each tensor from the
-file to the device one at a time: no whole-checkpoint copy in host memory, and only the model a
-job asks for is ever loaded.
+A loader recognises the file (turbowan.formats: layout and sizes from names, dtypes and shapes),
+builds the diffusers / transformers module with empty (meta) parameters, then moves each tensor
+from the file to the device one at a time: no whole-checkpoint copy in host memory, and only the
+model a job asks for is ever loaded. Files may be safetensors (the pipeline's own, prepared by
+prepare_models, or ComfyUI's) or `.pth` (memory-mapped, weights only); the pipeline converts
+`.pth` files once, in prepare_models, so that expert jobs read safetensors.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 
-from .keymaps import SLA_KEY, clean_dit_key, dit_rename_table, t5_key_to_hf, vae_rename_table
+from .attention import install_attention, resolve_attention
+from .formats import (
+    KIND_WORDS,
+    CheckpointError,
+    ModelInfo,
+    dit_model_config,
+    inspect_model,
+    load_pth,
+    read_index,
+)
+from .int8 import swap_in_int8_linears
+from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
 
 log = logging.getLogger(__name__)
 
-HEAD_DIM = 128  # every Wan2.x DiT uses 128-wide attention heads
 TEXT_LEN = 512
-
-
-class CheckpointError(ValueError):
-    """A model file is not in a layout this pipeline knows."""
+__all__ = ["CheckpointError", "load_transformer", "load_vae", "load_text_encoder", "load_tokenizer", "tensor_shapes"]
 
 
 def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of a safetensors file, without reading the tensors."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: model file not found")
+    """Names and shapes of a model file, without reading the tensors."""
+    return {k: v.shape for k, v in read_index(path)[1].items()}
+
+
+def _inspect(path: Path, kind: str) -> ModelInfo:
+    info = inspect_model(path)
+    if info.kind != kind:
+        raise CheckpointError(f"{path}: is {KIND_WORDS[info.kind]} ({info.layout}); expected {KIND_WORDS[kind]}")
+    return info
+
+
+@contextmanager
+def _open_tensors(info: ModelInfo) -> Iterator[Callable[[str], torch.Tensor]]:
+    """get(file key) -> CPU tensor, read lazily from a safetensors file or a memory-mapped .pth."""
+    if info.container == "pth":
+        tensors = load_pth(info.path)
+        yield tensors.__getitem__
+        del tensors
+        return
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        with safe_open(str(info.path), framework="pt", device="cpu") as f:
+            yield f.get_tensor
+    except SafetensorError as err:
+        raise CheckpointError(f"{info.path}: broken safetensors file ({err})") from err
 
 
 def _stream_state_dict(
-    path: Path, table: dict[str, str], device: torch.device, dtype_for: Callable[[str], torch.dtype]
+    info: ModelInfo,
+    table: dict[str, str],
+    device: torch.device,
+    dtype_for: Callable[[str, torch.Tensor], torch.dtype],
+    transform: Callable[[str, torch.Tensor, Callable], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """{module key: tensor on device}, reading each tensor once, straight from the file."""
     state = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with _open_tensors(info) as get:
         for new_key, file_key in table.items():
-            tensor = f.get_tensor(file_key)
-            state[new_key] = tensor.to(device=device, dtype=dtype_for(new_key), non_blocking=True)
+            tensor = get(file_key)
+            if transform is not None:
+                tensor = transform(file_key, tensor, get)
+            state[new_key] = tensor.to(device=device, dtype=dtype_for(new_key, tensor), non_blocking=True)
     return state
 
 
@@ -63,137 +93,96 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
         )
 
 
-def _layer_count(shapes: dict[str, tuple[int, ...]], pattern: str) -> int:
-    found = {int(m[1]) for k in shapes if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
 # --------------------------------------------------------------------------- the DiT experts
 
 
-def dit_config(shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
-    """diffusers WanTransformer3DModel config read off an official-layout expert's shapes."""
-    shapes = {clean_dit_key(k): v for k, v in shapes.items()}
-    if any(k.startswith("img_emb.") for k in shapes):
-        raise CheckpointError(
-            f"{path}: a Wan2.1 I2V DiT with CLIP image inputs (img_emb.*); this pipeline needs the "
-            "Wan2.2 A14B high/low-noise experts"
-        )
-    needed = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
-              "blocks.0.ffn.0.weight", "head.head.weight"]
-    missing = [k for k in needed if k not in shapes]
-    if missing:
-        raise CheckpointError(
-            f"{path}: not a Wan DiT expert in the official layout (no {', '.join(missing)})"
-        )
-    patch = shapes["patch_embedding.weight"]
-    dim = patch[0]
-    in_channels = patch[1] // 4 if len(patch) == 2 else patch[1]
-    if dim % HEAD_DIM:
-        raise CheckpointError(f"{path}: model width {dim} is not a multiple of {HEAD_DIM}")
-    return dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=dim // HEAD_DIM,
-        attention_head_dim=HEAD_DIM,
-        in_channels=in_channels,
-        out_channels=shapes["head.head.weight"][0] // 4,
-        text_dim=shapes["text_embedding.0.weight"][1],
-        freq_dim=shapes["time_embedding.0.weight"][1],
-        ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
-        num_layers=_layer_count(shapes, r"blocks\.(\d+)\."),
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        image_dim=None,
-    )
-
-
-def load_transformer(path: str | Path, device: torch.device, dtype: torch.dtype = torch.bfloat16):
-    """A Wan2.2 expert from an official-layout safetensors file, as diffusers' WanTransformer3DModel.
+def load_transformer(
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    attention: str = "auto",
+    sla_topk: float = 0.1,
+    kernels: bool = True,
+):
+    """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
 
     Weights go to `dtype` except the modules diffusers keeps in float32 (time embedder, norms,
-    modulation tables), which stay float32 as REFERENCE.md section 4 recommends.
+    modulation tables) and SLA's proj_l, which stay float32 as REFERENCE.md section 4 recommends;
+    int8 layers keep their int8 weights and float32 scales (turbowan.int8). `attention`:
+    auto | sla | sagesla | sdpa (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a
+    GPU with turbodiffusion (for comparisons).
     """
     from diffusers import WanTransformer3DModel
 
     path = Path(path)
     started = time.perf_counter()
-    shapes = tensor_shapes(path)
-    config = dit_config(shapes, path)
+    info = _inspect(path, "dit")
+    config = dit_model_config(info)
+    mode, implementation = resolve_attention(attention, info.sla, device, str(path), kernels)
+    table = dit_rename_table(info.index)
+    if mode == "sdpa":
+        table = {k: v for k, v in table.items() if f".{SLA_MODULE}." not in k}
+    int8_modules = sorted(k[: -len(".int8_weight")] for k in table if k.endswith(".int8_weight"))
+
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel(**config)
-    keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules)
+    int8_backend = swap_in_int8_linears(model, int8_modules, device, dtype, kernels) if int8_modules else None
+    install_attention(model, mode, implementation, sla_topk)
+    keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules) | {"proj_l"}
+    int8_set = set(int8_modules)
 
-    def dtype_for(key: str) -> torch.dtype:
+    def dtype_for(key: str, tensor: torch.Tensor) -> torch.dtype:
+        module, _, name = key.rpartition(".")
+        if module in int8_set and name in ("int8_weight", "scale"):
+            return tensor.dtype  # int8 weights and float32 scales stay as stored
         return torch.float32 if keep_fp32 & set(key.split(".")) else dtype
 
-    table = dit_rename_table(shapes)
-    state = _stream_state_dict(path, table, device, dtype_for)
-    patch = state["patch_embedding.weight"]
-    if patch.dim() == 2:  # TurboDiffusion stores the patch embedding as a Linear [dim, in*1*2*2]
-        state["patch_embedding.weight"] = patch.reshape(patch.shape[0], config["in_channels"], 1, 2, 2)
+    def transform(file_key: str, tensor: torch.Tensor, _get) -> torch.Tensor:
+        if file_key.endswith("patch_embedding.weight") and tensor.dim() == 2:
+            # TurboDiffusion stores the patch embedding as a Linear [dim, in*1*2*2]; diffusers has a Conv3d.
+            return tensor.reshape(tensor.shape[0], config["in_channels"], 1, 2, 2)
+        return tensor
+
+    state = _stream_state_dict(info, table, device, dtype_for, transform)
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
-    sla = [k for k in shapes if SLA_KEY.match(clean_dit_key(k))]
     log.info(
-        "loaded expert %s (%d layers, width %d%s) in %.1f s",
-        path, config["num_layers"], config["num_attention_heads"] * HEAD_DIM,
-        ", SLA weights present" if sla else "", time.perf_counter() - started,
+        "loaded expert %s: %s; attention %s (%s, topk %s)%s in %.1f s",
+        path, info.describe(), mode, implementation, sla_topk,
+        f"; int8 linears via {int8_backend}" if int8_backend else "", time.perf_counter() - started,
     )
+    if mode == "sdpa" and info.sla:
+        log.warning("%s carries SLA weights, but attention is sdpa: the SLA linear branch is dropped", path)
     return model
 
 
 # --------------------------------------------------------------------------- the VAE
 
 
-def vae_config(shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
-    if "encoder.conv1.weight" not in shapes or "conv1.weight" not in shapes:
-        raise CheckpointError(f"{path}: not a Wan2.1 VAE in the official layout (no encoder.conv1 / conv1)")
-    base_dim = shapes["encoder.conv1.weight"][0]
-    z_dim = shapes["conv2.weight"][0]
-    if len(shapes) != 194:
-        raise CheckpointError(f"{path}: has {len(shapes)} tensors; a Wan2.1 VAE has 194")
-    return dict(base_dim=base_dim, z_dim=z_dim)
-
-
 def load_vae(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
-    """The Wan2.1 VAE as diffusers' AutoencoderKLWan (latent constants from its default config)."""
+    """The Wan2.1 VAE (.pth or ComfyUI safetensors: same names) as diffusers' AutoencoderKLWan."""
     from diffusers import AutoencoderKLWan
 
     path = Path(path)
     started = time.perf_counter()
-    shapes = tensor_shapes(path)
-    config = vae_config(shapes, path)
+    info = _inspect(path, "vae")
     with init_empty_weights(include_buffers=False):
-        model = AutoencoderKLWan(**config)
-    state = _stream_state_dict(path, vae_rename_table(shapes), device, lambda _: dtype)
+        model = AutoencoderKLWan(**info.config)
+    state = _stream_state_dict(info, vae_rename_table(info.index), device, lambda _k, _t: dtype)
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
-    log.info("loaded VAE %s in %.1f s", path, time.perf_counter() - started)
+    log.info("loaded VAE %s: %s in %.1f s", path, info.describe(), time.perf_counter() - started)
     return model
 
 
 # --------------------------------------------------------------------------- umT5 + tokenizer
 
 
-def t5_config(shapes: dict[str, tuple[int, ...]], path: Path):
+def t5_config(info: ModelInfo):
     from transformers import UMT5Config
 
-    if "token_embedding.weight" not in shapes or "blocks.0.pos_embedding.embedding.weight" not in shapes:
-        raise CheckpointError(
-            f"{path}: not an umT5 encoder in the official layout (no token_embedding / per-layer "
-            "pos_embedding); is it a CLIP or another text encoder?"
-        )
-    vocab, d_model = shapes["token_embedding.weight"]
-    buckets, heads = shapes["blocks.0.pos_embedding.embedding.weight"]
     return UMT5Config(
-        vocab_size=vocab,
-        d_model=d_model,
-        d_kv=shapes["blocks.0.attn.q.weight"][0] // heads,
-        d_ff=shapes["blocks.0.ffn.fc1.weight"][0],
-        num_layers=_layer_count(shapes, r"blocks\.(\d+)\."),
-        num_heads=heads,
-        relative_attention_num_buckets=buckets,
+        **info.config,
         relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu",
         layer_norm_epsilon=1e-6,
@@ -202,22 +191,41 @@ def t5_config(shapes: dict[str, tuple[int, ...]], path: Path):
     )
 
 
+def _t5_table(info: ModelInfo, keys) -> dict[str, str]:
+    """{UMT5EncoderModel key: file key} for the official, HF and ComfyUI fp8 layouts."""
+    if info.layout == "umt5-official":
+        table = {t5_key_to_hf(k): k for k in keys}
+        table["encoder.embed_tokens.weight"] = "token_embedding.weight"
+        return table
+    table = {k: k for k in keys if k == "shared.weight" or (
+        k.startswith("encoder.") and not k.endswith((".scale_weight", ".scale_input")))}
+    embed = "shared.weight" if "shared.weight" in keys else "encoder.embed_tokens.weight"
+    table["shared.weight"] = table["encoder.embed_tokens.weight"] = embed
+    return table
+
+
+def _dequantize_fp8(file_key: str, tensor: torch.Tensor, get) -> torch.Tensor:
+    """ComfyUI's scaled fp8: W = weight (float8_e4m3fn) * scale_weight (float32), in float32."""
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        scale = get(file_key[: -len("weight")] + "scale_weight")
+        return tensor.float() * scale.float().reshape(())
+    return tensor
+
+
 def load_text_encoder(path: str | Path, device: torch.device, dtype: torch.dtype = torch.bfloat16):
-    """The umT5-XXL encoder (official layout) as transformers' UMT5EncoderModel."""
+    """The umT5-XXL encoder (official, HF or ComfyUI fp8-scaled names) as transformers' UMT5EncoderModel."""
     from transformers import UMT5EncoderModel
 
     path = Path(path)
     started = time.perf_counter()
-    shapes = tensor_shapes(path)
-    config = t5_config(shapes, path)
+    info = _inspect(path, "text_encoder")
     with init_empty_weights(include_buffers=False):
-        model = UMT5EncoderModel(config)
-    table = {t5_key_to_hf(k): k for k in shapes}
-    table["encoder.embed_tokens.weight"] = "token_embedding.weight"
-    state = _stream_state_dict(path, table, device, lambda _: dtype)
+        model = UMT5EncoderModel(t5_config(info))
+    table = _t5_table(info, info.index)
+    state = _stream_state_dict(info, table, device, lambda _k, _t: dtype, _dequantize_fp8)
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
-    log.info("loaded text encoder %s in %.1f s", path, time.perf_counter() - started)
+    log.info("loaded text encoder %s: %s in %.1f s", path, info.describe(), time.perf_counter() - started)
     return model
 
 

@@ -106,17 +106,18 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
 
 def sample_high(
     text: str, cond: str, expert: str, out: str, sampling: Mapping[str, Any], video: Mapping[str, Any],
-    device: str = "auto", dtype: str = "bfloat16",
+    device: str = "auto", dtype: str = "bfloat16", attention: str = "auto", sla_topk: float = 0.1,
 ) -> None:
     """Start a row's sampling and run the high-noise steps; save x, the generator and the next step."""
     sampling, video = _sampling(sampling), _video(video)
+    attn = {"attention": attention, "sla_topk": float(sla_topk)}
     dev = resolve_device(device)
     text_emb, y = _load_conditions(text, cond, video, dev)
     t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
     n_high = num_high_steps(t, sampling["boundary"])
     state = initial_state(latent_shape(**video), sampling["seed"], t, dev)
     if n_high:
-        model = load_transformer(expert, dev, resolve_dtype(dtype))
+        model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
         _check_text_width(model, text_emb, text, expert)
         state = run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, n_high, sampling["ode"], "high")
     save_artifact(
@@ -127,17 +128,19 @@ def sample_high(
             "next_step": torch.tensor([state.next_step], dtype=torch.int64),
         },
         stage="sample_high",
-        params={**sampling, **video, "device_type": dev.type},
+        params={**sampling, **video, **attn, "device_type": dev.type},
         inputs={"text": text, "cond": cond, "expert": expert},
     )
 
 
 def sample_low(
     text: str, cond: str, boundary: str, expert: str, out: str, sampling: Mapping[str, Any],
-    video: Mapping[str, Any], device: str = "auto", dtype: str = "bfloat16",
+    video: Mapping[str, Any], device: str = "auto", dtype: str = "bfloat16", attention: str = "auto",
+    sla_topk: float = 0.1,
 ) -> None:
     """Restore the state saved by sample_high and run the remaining (low-noise) steps."""
     sampling, video = _sampling(sampling), _video(video)
+    attn = {"attention": attention, "sla_topk": float(sla_topk)}
     dev = resolve_device(device)
     shape = latent_shape(**video)
     saved, record = load_artifact(
@@ -154,14 +157,14 @@ def sample_low(
     t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
     if state.next_step < sampling["num_steps"]:
         text_emb, y = _load_conditions(text, cond, video, dev)
-        model = load_transformer(expert, dev, resolve_dtype(dtype))
+        model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
         _check_text_width(model, text_emb, text, expert)
         state = run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, sampling["num_steps"], sampling["ode"], "low")
     else:
         log.info("all %d steps ran on the high-noise expert; the low-noise expert is not loaded", sampling["num_steps"])
     save_artifact(
         out, {"x": state.x}, stage="sample_low",
-        params={**sampling, **video, "device_type": dev.type}, inputs={"boundary": boundary, "expert": expert},
+        params={**sampling, **video, **attn, "device_type": dev.type}, inputs={"boundary": boundary, "expert": expert},
     )
 
 

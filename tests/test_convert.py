@@ -1,0 +1,93 @@
+"""prepare_models' writer and converter: same tensors as safetensors' own writer, checks before writing."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from turbowan.convert import prepare_model, write_safetensors
+from turbowan.formats import CheckpointError
+
+
+def test_streamed_file_reads_back_like_save_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(7, 5, generator=g).to(torch.bfloat16),
+        "strided": torch.randn(6, 4, generator=g).t(),  # not contiguous
+        "q": torch.randint(-128, 127, (3, 300), generator=g, dtype=torch.int8),
+        "fp8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+    }
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    write_safetensors(tensors, ours, metadata={"k": "v"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(theirs))
+    a, b = load_file(ours), load_file(theirs)
+    assert a.keys() == b.keys() == tensors.keys()
+    for k in tensors:
+        assert a[k].dtype == tensors[k].dtype and a[k].shape == tensors[k].shape
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_wrapped_state_dict_is_unwrapped(demo_models, tmp_path):
+    vae = load_file(demo_models["vae"])
+    source = tmp_path / "vae.pth"
+    torch.save({"state_dict": vae, "step": 1000}, str(source))
+    prepare_model(str(source), str(tmp_path / "vae.safetensors"), "vae")
+    out = load_file(tmp_path / "vae.safetensors")
+    assert out.keys() == vae.keys() and all(torch.equal(out[k], vae[k]) for k in vae)
+
+
+def test_wrong_file_for_the_role_is_refused_before_writing(demo_models, tmp_path):
+    source = tmp_path / "Wan2.1_VAE.pth"
+    torch.save(load_file(demo_models["vae"]), str(source))
+    out = tmp_path / "high.safetensors"
+    with pytest.raises(CheckpointError, match=rf"{source}: is the Wan2.1 VAE .*models.high must be"):
+        prepare_model(str(source), str(out), "high")
+    assert list(tmp_path.iterdir()) == [source]  # no output, no partial file
+
+
+class NotTensors:
+    """Any class: unpickling it would import and run code, which weights_only refuses."""
+
+
+def test_pickled_code_is_refused(tmp_path):
+    source = tmp_path / "evil.pth"
+    torch.save({"x": NotTensors()}, str(source))
+    with pytest.raises(CheckpointError, match=rf"{source}: refused to load"):
+        prepare_model(str(source), str(tmp_path / "out.safetensors"), "high")
+
+
+def test_conversion_holds_no_second_copy_of_the_checkpoint(tmp_path):
+    """Anonymous memory (not the mapped source pages) grows far less than the checkpoint's size."""
+    import threading
+    import time
+
+    from turbowan.demo import DEMO_DIT, dit_tensors
+
+    config = {**DEMO_DIT, "num_attention_heads": 8, "ffn_dim": 8192, "num_layers": 4}
+    source = tmp_path / "expert.pth"
+    torch.save({f"net.{k}": v for k, v in dit_tensors(0, config).items()}, str(source))
+    size_kb = source.stat().st_size / 1024  # ~200 MB
+
+    def anon_kb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
+
+    peak, done = [anon_kb()], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak.append(anon_kb())
+            time.sleep(0.002)
+
+    prepare_model(str(source), str(tmp_path / "warm.safetensors"), "high")  # imports and caches warmed up
+    start = anon_kb()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        prepare_model(str(source), str(tmp_path / "expert.safetensors"), "high")
+    finally:
+        done.set()
+        watcher.join()
+    growth = max(peak) - start
+    assert growth < size_kb / 4, (growth, size_kb)
