@@ -71,7 +71,8 @@ def make_models(folder: Path) -> dict[str, str]:
              "vae": folder / "vae.safetensors", "text_encoder": folder / "umt5.safetensors",
              "tokenizer": folder / "tokenizer"}
     started = time.perf_counter()
-    if not paths["high"].exists():
+    if not paths["high"].exists() or "proj_l" not in open(paths["high"], "rb").read(200_000).decode("latin-1"):
+        paths["low"].unlink(missing_ok=True)
         with init_empty_weights():
             dit = WanTransformer3DModel(**A14B)
         state = _random_state(dit, "cuda")
@@ -80,6 +81,10 @@ def make_models(folder: Path) -> dict[str, str]:
             if key == "patch_embedding.weight":
                 value = value.reshape(value.shape[0], -1)
             official[dit_key_to_official(key)] = value.cpu()
+        for i in range(A14B["num_layers"]):  # SLA's proj_l, as TurboDiffusion's experts carry it
+            prefix = f"blocks.{i}.self_attn.attn_op.local_attn.proj_l"
+            official[f"{prefix}.weight"] = (torch.randn(128, 128) * 0.02).to(torch.bfloat16)
+            official[f"{prefix}.bias"] = torch.zeros(128, dtype=torch.bfloat16)
         del state
         save_file(official, str(paths["high"]))
         del official
@@ -159,7 +164,7 @@ def stage_jobs(rows: list[dict], models: dict, results: Path, attention: str) ->
             text=str(results / "prompts" / text[r["prompt"]] / "text.safetensors"),
             cond=str(folder[r["id"]] / "cond.safetensors"), boundary=str(folder[r["id"]] / "boundary.safetensors"),
             expert=models["low"], out=str(folder[r["id"]] / "latent.safetensors"),
-            sampling=r["sampling"], video=r["video"])))
+            sampling=r["sampling"], video=r["video"], attention=attention)))
     for r in rows:
         jobs.append(("decode", r["id"], dict(latent=str(folder[r["id"]] / "latent.safetensors"), vae=models["vae"],
                                               out_dir=str(folder[r["id"]] / "frames"), video=r["video"])))
@@ -199,7 +204,7 @@ def run_pipeline(rows, models, results: Path, attention: str) -> list[dict]:
 
 # --------------------------------------------------------------------------------------- reference
 
-def run_reference(rows, models, out: Path) -> float:
+def run_reference(rows, models, out: Path, attention: str) -> float:
     """All rows in one process: umT5 once, VAE once, both experts loaded once, no artifacts."""
     from turbowan.image import open_rgb, preprocess
     from turbowan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
@@ -220,11 +225,11 @@ def run_reference(rows, models, out: Path) -> float:
     texts = {r["id"]: encode_text(enc, tok, r["prompt"], dev)[0] for r in rows}
     del enc
     torch.cuda.empty_cache()
-    vae = load_vae(models["vae"], dev)
+    vae = load_vae(models["vae"], dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     ys = {r["id"]: encode_condition(vae, preprocess(open_rgb(r["image"]), r["video"]["width"], r["video"]["height"]),
                                     r["video"]["num_frames"]) for r in rows}
-    high = load_transformer(models["high"], dev)
-    low = load_transformer(models["low"], dev)
+    high = load_transformer(models["high"], dev, attention=attention)
+    low = load_transformer(models["low"], dev, attention=attention)
     latents = {}
     for r in rows:
         s = r["sampling"]
@@ -275,7 +280,7 @@ def main() -> None:
                     jobs=len(mine), wall_s=sum(r["wall"] for r in mine), load_s=sum(r["load"] for r in mine),
                     peak_gpu_gb=max(r["gpu"] for r in mine), peak_rss_gb=max(r["rss"] for r in mine))
     if args.what in ("reference", "all"):
-        summary["reference_s"] = run_reference(rows, models, run_dir / "reference")
+        summary["reference_s"] = run_reference(rows, models, run_dir / "reference", args.attention)
     n = args.rows
     print("\n| stage | jobs | wall s | s/video | model load s | peak GPU GB | peak RSS GB |\n|---|---|---|---|---|---|---|")
     for stage, s in summary.items():

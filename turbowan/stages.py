@@ -17,6 +17,7 @@ from .artifacts import ArtifactError, check_made_from, fingerprint, load_artifac
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
 from .models import load_text_encoder, load_tokenizer, load_transformer, load_vae
+from .progress import phase
 from .sampler import SamplerState, dit_velocity, initial_state, restore_generator, run_steps
 from .schedule import num_high_steps, rcm_timesteps
 from .sizes import latent_shape
@@ -49,8 +50,10 @@ def encode_prompt(
     prompt: str, text_encoder: str, tokenizer: str, out: str, device: str = "auto", dtype: str = "bfloat16"
 ) -> None:
     dev = resolve_device(device)
-    encoder = load_text_encoder(text_encoder, dev, resolve_dtype(dtype))
-    emb, length = encode_text(encoder, load_tokenizer(tokenizer), prompt, dev)
+    with phase("load text encoder"):
+        encoder = load_text_encoder(text_encoder, dev, resolve_dtype(dtype))
+    with phase("encode prompt"):
+        emb, length = encode_text(encoder, load_tokenizer(tokenizer), prompt, dev)
     del encoder
     gc.collect()
     release(dev)
@@ -65,7 +68,11 @@ def encode_prompt(
 
 
 def _load_vae(vae: str, dev: torch.device, vae_dtype: str, frugal: int):
-    model = load_vae(vae, dev, resolve_dtype(vae_dtype))
+    """The VAE in `vae_dtype` ('auto': bfloat16 on a GPU, float32 on a CPU, where bf16 convs are slow)."""
+    if vae_dtype == "auto":
+        vae_dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    with phase("load VAE"):
+        model = load_vae(vae, dev, resolve_dtype(vae_dtype))
     if frugal:
         model.enable_tiling()
         log.info("retry %d: VAE tiling on, to use less memory than the failed attempt", frugal)
@@ -73,14 +80,15 @@ def _load_vae(vae: str, dev: torch.device, vae_dtype: str, frugal: int):
 
 
 def encode_image(
-    image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "float32",
+    image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "auto",
     frugal: int = 0,
 ) -> None:
     video = _video(video)
     dev = resolve_device(device)
     pixels = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
     model = _load_vae(vae, dev, vae_dtype, frugal)
-    y = encode_condition(model, pixels, video["num_frames"])
+    with phase("VAE encode"):
+        y = encode_condition(model, pixels, video["num_frames"])
     log.info("image %s -> y %s", image, list(y.shape))
     save_artifact(out, {"y": y}, stage="encode_image", params=video, inputs={"image": image, "vae": vae})
 
@@ -117,20 +125,22 @@ def sample_high(
     n_high = num_high_steps(t, sampling["boundary"])
     state = initial_state(latent_shape(**video), sampling["seed"], t, dev)
     if n_high:
-        model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
+        with phase("load expert"):
+            model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
         _check_text_width(model, text_emb, text, expert)
         state = run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, n_high, sampling["ode"], "high")
-    save_artifact(
-        out,
-        {
-            "x": state.x,  # float64 [1, 16, lat_t, lat_h, lat_w]
-            "generator_state": state.generator.get_state(),
-            "next_step": torch.tensor([state.next_step], dtype=torch.int64),
-        },
-        stage="sample_high",
-        params={**sampling, **video, **attn, "device_type": dev.type},
-        inputs={"text": text, "cond": cond, "expert": expert},
-    )
+    with phase("save boundary"):
+        save_artifact(
+            out,
+            {
+                "x": state.x,  # float64 [1, 16, lat_t, lat_h, lat_w]
+                "generator_state": state.generator.get_state(),
+                "next_step": torch.tensor([state.next_step], dtype=torch.int64),
+            },
+            stage="sample_high",
+            params={**sampling, **video, **attn, "device_type": dev.type},
+            inputs={"text": text, "cond": cond, "expert": expert},
+        )
 
 
 def sample_low(
@@ -157,7 +167,8 @@ def sample_low(
     t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
     if state.next_step < sampling["num_steps"]:
         text_emb, y = _load_conditions(text, cond, video, dev)
-        model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
+        with phase("load expert"):
+            model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
         _check_text_width(model, text_emb, text, expert)
         state = run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, sampling["num_steps"], sampling["ode"], "low")
     else:
@@ -169,7 +180,7 @@ def sample_low(
 
 
 def decode(
-    latent: str, vae: str, out_dir: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "float32",
+    latent: str, vae: str, out_dir: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "auto",
     frugal: int = 0,
 ) -> None:
     video = _video(video)
@@ -177,11 +188,13 @@ def decode(
     shape = latent_shape(**video)
     saved, _ = load_artifact(latent, "sample_low", {"x": (shape, torch.float64)}, params=video)
     model = _load_vae(vae, dev, vae_dtype, frugal)
-    frames = decode_frames(model, saved["x"])  # uint8 [F, H, W, 3]
+    with phase("VAE decode"):
+        frames = decode_frames(model, saved["x"])  # uint8 [F, H, W, 3]
     expected = (video["num_frames"], video["height"], video["width"], 3)
     if tuple(frames.shape) != expected:
         raise ArtifactError(f"{latent}: decoded to {list(frames.shape)}, expected {list(expected)}")
-    save_frames(frames, out_dir, {"latent": fingerprint(latent)})
+    with phase("write frames"):
+        save_frames(frames, out_dir, {"latent": fingerprint(latent)})
 
 
 def encode_video(frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int) -> None:
