@@ -49,6 +49,19 @@ def injected_fault(name: str, log_file: str | None) -> bool:
     return f"{name}:{key}" in wanted
 
 
+def _peak_rss_gb() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss would include a parent's peak
+    from before exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def run_stage(name: str, log_file: str | None, stage: Callable[..., Any], **kwargs: Any) -> None:
     """Run one stage function with logging; a failure is logged with its traceback and re-raised."""
     _setup_logging(log_file)
@@ -63,7 +76,7 @@ def run_stage(name: str, log_file: str | None, stage: Callable[..., Any], **kwar
     except Exception:
         log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
         raise
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    rss_gb = _peak_rss_gb()
     gpu = ""
     if torch.cuda.is_available():
         gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
