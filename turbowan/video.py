@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -29,8 +30,13 @@ def save_frames(frames: torch.Tensor, folder: str | Path, record: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     try:
         array = frames.numpy()
-        for i, frame in enumerate(array):
-            Image.fromarray(frame).save(tmp / f"{i:05d}.png", compress_level=1)
+
+        def write(i: int) -> None:
+            # no compression: the frames are temporary by default, and zlib was slower than the decode
+            Image.fromarray(array[i]).save(tmp / f"{i:05d}.png", compress_level=0)
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(write, range(len(array))))
         info = dict(record, count=int(array.shape[0]), height=int(array.shape[1]), width=int(array.shape[2]))
         (tmp / FRAMES_INFO).write_text(json.dumps(info, sort_keys=True))
         os.chmod(tmp, default_mode(directory=True))
