@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,4 +55,47 @@ def copy_demo_images(tmp_path):
         shutil.copytree(REPO / "config" / "demo" / "images", dest)
         return dest
 
+    return copy
+
+
+# ------------------------------------------------------------------ end-to-end batches
+
+SHEET = (
+    "id,image,prompt,seed,num_frames,width,height,num_steps\n"
+    'boat,images/harbour.png,"A boat, leaving ""the"" harbour",1,9,48,32,4\n'
+    "face,images/portrait.jpg,Café — 夜,2,5,32,48,3\n"
+)
+
+
+def make_workdir(folder: Path, sheet: str = SHEET) -> Path:
+    shutil.copytree(REPO / "config" / "demo" / "images", folder / "images")
+    (folder / "sheet.csv").write_text(sheet, encoding="utf-8")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(sheet="sheet.csv", results="results")  # relative: copies of the folder stay self-contained
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def snakemake(folder: Path, *args, check=True, extra_env=None):
+    return run_snakemake(folder, "--configfile", str(folder / "config.yaml"), *args, check=check, extra_env=extra_env)
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+            for p in (folder / "results").rglob("*") if p.is_file() and "logs" not in p.parts
+            and "benchmarks" not in p.parts}
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A 2-row batch run once; tests work on copies of it."""
+    folder = make_workdir(tmp_path_factory.mktemp("batch"))
+    snakemake(folder)
+    return folder
+
+
+@pytest.fixture
+def batch(finished, tmp_path):
+    copy = tmp_path / "batch"
+    shutil.copytree(finished, copy, symlinks=True)
     return copy

@@ -2,7 +2,6 @@
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -17,8 +16,7 @@ from turbowan import stages
 from turbowan.artifacts import load_artifact
 from turbowan.sheet import SheetError, check_defaults
 
-from .conftest import BIN, REPO, write_image
-from .test_workflow import make_workdir, mtimes, snakemake
+from .conftest import BIN, REPO, make_workdir, mtimes, snakemake, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -74,33 +72,20 @@ def test_sigkill_during_sampling_then_resume(tmp_path):
         assert (folder / "results" / row / "video.mp4").is_file()
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    folder = make_workdir(tmp_path_factory.mktemp("faults"), THREE_ROWS)
-    snakemake(folder)
-    return folder
-
-
-@pytest.fixture
-def batch(finished, tmp_path):
-    copy = tmp_path / "batch"
-    shutil.copytree(finished, copy, symlinks=True)
-    return copy
-
-
 def test_truncated_boundary_is_detected_and_only_its_row_recomputed(batch):
-    folder = batch
+    folder = batch  # the session's finished 2-row batch, copied
     before = mtimes(folder)
-    boundary = folder / "results" / "r2" / "boundary.safetensors"
+    boundary = folder / "results" / "face" / "boundary.safetensors"
     data = boundary.read_bytes()
     boundary.write_bytes(data[: len(data) - 100])
-    os.utime(boundary, ns=(before["results/r2/boundary.safetensors"],) * 2)  # same mtime: Snakemake can't tell
+    os.utime(boundary, ns=(before["results/face/boundary.safetensors"],) * 2)  # same mtime: Snakemake can't tell
     out = snakemake(folder)
-    assert "r2/boundary.safetensors is" in out.stderr and "will remake it" in out.stderr
+    assert "face/boundary.safetensors is" in out.stderr and "will remake it" in out.stderr
     after = mtimes(folder)
     changed = {k for k in before if after.get(k) != before[k]}
-    assert changed == {"results/r2/boundary.safetensors", "results/r2/latent.safetensors", "results/r2/video.mp4"}
-    assert (folder / "results" / "r2" / "boundary.safetensors.broken").is_file()
+    assert changed == {"results/face/boundary.safetensors", "results/face/latent.safetensors",
+                       "results/face/video.mp4"}
+    assert (folder / "results" / "face" / "boundary.safetensors.broken").is_file()
 
 
 def test_corrupt_bytes_inside_an_artifact_are_caught_by_its_reader(tmp_path, demo_models):

@@ -1,57 +1,13 @@
 """End to end: Snakemake on a small sheet in a temporary folder, with the demo's tiny models."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 import yaml
 
 from turbowan.video import probe
 
-from .conftest import REPO, run_snakemake
+from .conftest import SHEET, make_workdir, mtimes, snakemake
 
 pytestmark = pytest.mark.slow
-
-SHEET = (
-    "id,image,prompt,seed,num_frames,width,height,num_steps\n"
-    'boat,images/harbour.png,"A boat, leaving ""the"" harbour",1,9,48,32,4\n'
-    "face,images/portrait.jpg,Café — 夜,2,5,32,48,3\n"
-)
-
-
-def make_workdir(folder: Path, sheet: str = SHEET) -> Path:
-    shutil.copytree(REPO / "config" / "demo" / "images", folder / "images")
-    (folder / "sheet.csv").write_text(sheet, encoding="utf-8")
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(sheet="sheet.csv", results="results")  # relative: copies of the folder stay self-contained
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    return folder
-
-
-def snakemake(folder: Path, *args, check=True, extra_env=None):
-    return run_snakemake(folder, "--configfile", str(folder / "config.yaml"), *args, check=check, extra_env=extra_env)
-
-
-def mtimes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
-            for p in (folder / "results").rglob("*") if p.is_file() and "logs" not in p.parts
-            and "benchmarks" not in p.parts}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A 2-row batch run once; tests work on copies of it."""
-    folder = make_workdir(tmp_path_factory.mktemp("batch"))
-    snakemake(folder)
-    return folder
-
-
-@pytest.fixture
-def batch(finished, tmp_path):
-    copy = tmp_path / "batch"
-    shutil.copytree(finished, copy, symlinks=True)
-    return copy
-
 
 def test_every_row_gets_its_video(finished):
     results = finished / "results"
@@ -75,12 +31,15 @@ def test_second_run_does_nothing(batch):
     assert mtimes(batch) == before
 
 
-def test_changing_one_rows_boundary_reruns_only_its_sampling_and_after(batch):
+@pytest.mark.parametrize("column, value", [("boundary", "0.95"), ("seed", "7")])
+def test_changing_one_rows_value_reruns_only_its_sampling_and_after(batch, column, value):
     before = mtimes(batch)
-    sheet = (batch / "sheet.csv").read_text().replace("id,image,prompt,seed,num_frames,width,height,num_steps",
-                                                      "id,image,prompt,seed,num_frames,width,height,num_steps,boundary")
-    sheet = sheet.replace(",2,5,32,48,3\n", ",2,5,32,48,3,0.95\n")
-    (batch / "sheet.csv").write_text(sheet)
+    header, boat, face = (batch / "sheet.csv").read_text().splitlines()
+    if column == "seed":
+        face = face.replace(",2,5,32,48,3", f",{value},5,32,48,3")
+    else:
+        header, boat, face = header + f",{column}", boat + ",", face + f",{value}"
+    (batch / "sheet.csv").write_text("\n".join([header, boat, face]) + "\n")
     snakemake(batch)
     after = mtimes(batch)
     changed = {k for k in before if after[k] != before[k]}
