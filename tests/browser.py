@@ -74,6 +74,7 @@ def gallery_in_report(report_html: Path, screenshot: Path) -> dict:
 
     Returns READ_GALLERY's result; saves a screenshot of the report with the gallery open.
     """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     require_chromium()
@@ -90,7 +91,11 @@ def gallery_in_report(report_html: Path, screenshot: Path) -> dict:
             page.get_by_text("Batch", exact=True).first.click()
             page.locator("tr", has_text="gallery/index.html").locator("a[iconname=eye]").click()
             frame = page.wait_for_selector("iframe").content_frame()
-            frame.wait_for_selector("#summary", timeout=20_000)
+            try:
+                frame.wait_for_selector("#summary", timeout=20_000)
+            except PlaywrightTimeout:
+                raise AssertionError(f"the gallery did not load in the report (frame {frame.url[:60]!r}; "
+                                     "Chromium blocks embedded data: pages above 2 MB)") from None
             frame.wait_for_function(MEDIA_SETTLED, timeout=20_000)
             seen = frame.evaluate(READ_GALLERY)
             # Show the whole gallery in the screenshot: the report sizes its iframe to the window.

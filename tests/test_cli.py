@@ -95,7 +95,8 @@ def test_status_from_a_config_as_a_command(tmp_path):
     config.update(sheet="sheet.csv", results="out")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.run([sys.executable, "-m", "turbowan.cli", "status", "--configfile", "config.yaml"],
-                          cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[:2] for line in proc.stdout.splitlines()[1:3]] == [["row-1", "missing"], ["row-2", "missing"]]
     assert (tmp_path / "out" / "summary.csv").is_file()

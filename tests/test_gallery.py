@@ -41,7 +41,8 @@ def results(tmp_path):
                 out.write_bytes(b"x")
     log = results / "logs" / "decode" / "bad.log"
     log.parent.mkdir(parents=True)
-    log.write_text("INFO decode on host\nERROR turbowan.job: decode failed after 1.5 s\nTraceback (most recent call last):\n"
+    log.write_text("INFO decode on host\nERROR turbowan.job: decode failed after 1.5 s\n"
+                   "Traceback (most recent call last):\n"
                    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB\n")
     return results, [ok, bad]
 

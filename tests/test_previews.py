@@ -34,12 +34,12 @@ def video(tmp_path_factory):
 
 def tile_means(sheet: Image.Image, layout: SheetLayout, width: int, height: int) -> list[float]:
     pixels = np.asarray(sheet.convert("L"), dtype=np.float64)
-    tile_h = layout.tile_height(width, height)
+    tile_w, tile_h = layout.tile_size(width, height)
     means = []
     for i in range(layout.count):
         col, row = i % layout.columns, i // layout.columns
-        x, y = layout.gap + col * (layout.tile_width + layout.gap), layout.gap + row * (tile_h + layout.gap)
-        means.append(pixels[y + 2:y + tile_h - 2, x + 2:x + layout.tile_width - 2].mean())
+        x, y = layout.gap + col * (tile_w + layout.gap), layout.gap + row * (tile_h + layout.gap)
+        means.append(pixels[y + 2:y + tile_h - 2, x + 2:x + tile_w - 2].mean())
     return means
 
 
@@ -54,7 +54,8 @@ def test_contact_sheet_grid(video, tmp_path):
     layout = SheetLayout()
     out = contact_sheet(video, tmp_path / "sheet.png", "harbour", "A boat leaves the harbour", layout)
     sheet = Image.open(out)
-    assert sheet.size == layout.size(W, H) == (4 * 192 + 5 * 6, 2 * 128 + 3 * 6 + 3 * 16 + 6)
+    # frames narrower than a tile keep their size: 48 x 32 tiles
+    assert sheet.size == layout.size(W, H) == (4 * 48 + 5 * 6, 2 * 32 + 3 * 6 + 3 * 16 + 6)
     assert np.asarray(sheet).var() > 0
     means = tile_means(sheet, layout, W, H)
     expected = [10 + 14 * i + 20 for i in evenly_spaced(FRAMES, layout.count)]  # ramp mean is 20
@@ -63,11 +64,14 @@ def test_contact_sheet_grid(video, tmp_path):
     assert caption.max() > 200  # the caption's text is drawn
 
 
-def test_contact_sheet_of_a_portrait_video(tmp_path):
-    video = make_video(tmp_path, frames=5, width=32, height=48)
+def test_contact_sheet_of_a_large_portrait_video(tmp_path):
+    video = make_video(tmp_path, frames=5, width=160, height=240)
     layout = SheetLayout(count=4, columns=2, tile_width=100)
     sheet = Image.open(contact_sheet(video, tmp_path / "s.png", "p", "prompt", layout))
-    assert sheet.size == layout.size(32, 48) == (2 * 100 + 3 * 6, 2 * 150 + 3 * 6 + 3 * 16 + 6)
+    # larger frames are scaled down to tiles 100 px wide, keeping their aspect ratio
+    assert sheet.size == layout.size(160, 240) == (2 * 100 + 3 * 6, 2 * 150 + 3 * 6 + 3 * 16 + 6)
+    means = tile_means(sheet, layout, 160, 240)
+    assert means == sorted(means) and np.asarray(sheet).var() > 0
 
 
 def test_caption_is_cut_to_its_lines():

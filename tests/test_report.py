@@ -22,6 +22,7 @@ from PIL import Image
 
 from tests.browser import ARTIFACTS, gallery_in_report
 from tests.conftest import REPO, run_snakemake
+from turbowan.gallery import EMBED_WARN_BYTES
 from turbowan.previews import SheetLayout, frame_count
 
 pytestmark = pytest.mark.slow
@@ -117,7 +118,8 @@ def test_contact_sheets_and_previews(batch):
         sheet = Image.open(results / rid / "contact_sheet.png")
         assert sheet.size == layout.size(*SIZES[rid])
         pixels = np.asarray(sheet.convert("RGB"), dtype=np.float64)
-        tile = pixels[layout.gap:layout.gap + layout.tile_height(*SIZES[rid]), layout.gap:layout.gap + layout.tile_width]
+        tile_w, tile_h = layout.tile_size(*SIZES[rid])
+        tile = pixels[layout.gap:layout.gap + tile_h, layout.gap:layout.gap + tile_w]
         assert tile.var() > 0 and pixels.var() > 0
         heights.append(sheet.height)
         preview = Image.open(results / rid / "preview.gif")
@@ -155,7 +157,10 @@ def test_fixed_row_reruns_alone_and_html_report_in_browser(fixed_batch):
                    "gallery", "all"]
     summary = read_csv(batch / "results" / "summary.csv")
     assert {rec["state"] for rec in summary.values()} == {"done"}
-    assert [p.name for p in (batch / "results" / "gallery").iterdir()] == ["index.html"]
+    # media embedded: the folder holds one page (and Snakemake's marker, which reports ignore)
+    gallery = batch / "results" / "gallery"
+    assert sorted(p.name for p in gallery.iterdir()) == [".snakemake_timestamp", "index.html"]
+    assert (gallery / "index.html").stat().st_size < EMBED_WARN_BYTES
 
     seen = gallery_in_report(batch / "report.html", ARTIFACTS / "report-html.png")
     videos = {v["row"]: v for v in seen["videos"]}

@@ -130,7 +130,8 @@ def _row_section(row: Any, line: dict[str, Any], media: dict[str, str], info: Ba
     parts.append(f"<p class='prompt'>{_esc(row.prompt)}</p>")
     figures = []
     if "image" in media:
-        figures.append(f"<figure><img class='scaled input-image' src='{_esc(media['image'])}' alt='input image of {rid}'>"
+        figures.append(f"<figure><img class='scaled input-image' src='{_esc(media['image'])}' "
+                       f"alt='input image of {rid}'>"
                        "<figcaption>input image</figcaption></figure>")
     if "video" in media:
         width, height = _display_size(row.width, row.height)
@@ -140,7 +141,8 @@ def _row_section(row: Any, line: dict[str, Any], media: dict[str, str], info: Ba
             f"<figcaption>video ({row.width} x {row.height}, {row.num_frames} frames)</figcaption></figure>"
         )
     if "preview" in media:
-        figures.append(f"<figure><img class='scaled preview' src='{_esc(media['preview'])}' alt='animated preview of {rid}'>"
+        figures.append(f"<figure><img class='scaled preview' src='{_esc(media['preview'])}' "
+                       f"alt='animated preview of {rid}'>"
                        "<figcaption>animated preview</figcaption></figure>")
     parts.append("<div class='media'>" + "".join(figures) + "</div>")
     timings = [(stage, line[f"{stage}_state"], _seconds(line[f"{stage}_s"])) for stage in STAGES]

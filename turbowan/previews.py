@@ -27,7 +27,10 @@ class PreviewError(RuntimeError):
 
 @dataclass(frozen=True)
 class SheetLayout:
-    """A contact sheet: `count` frames in `columns` columns, tiles `tile_width` wide, a caption below."""
+    """A contact sheet: `count` frames in `columns` columns, a caption below.
+
+    Tiles are `tile_width` wide, or as wide as the frames when these are narrower (never enlarged).
+    """
 
     count: int = 8
     columns: int = 4
@@ -40,13 +43,16 @@ class SheetLayout:
     def rows(self) -> int:
         return math.ceil(self.count / self.columns)
 
-    def tile_height(self, width: int, height: int) -> int:
-        return max(1, round(self.tile_width * height / width))
+    def tile_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) of one tile for frames of width x height."""
+        tile_w = min(self.tile_width, width)
+        return tile_w, max(1, round(tile_w * height / width))
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         """(W, H) of the sheet for frames of width x height."""
-        sheet_w = self.columns * self.tile_width + (self.columns + 1) * self.gap
-        grid_h = self.rows * self.tile_height(width, height) + (self.rows + 1) * self.gap
+        tile_w, tile_h = self.tile_size(width, height)
+        sheet_w = self.columns * tile_w + (self.columns + 1) * self.gap
+        grid_h = self.rows * tile_h + (self.rows + 1) * self.gap
         return sheet_w, grid_h + self.caption_lines * self.line_height + self.gap
 
 
@@ -104,18 +110,21 @@ def caption_lines(row_id: str, prompt: str, layout: SheetLayout, width: int) -> 
     return [row_id, *wrapped]
 
 
-def contact_sheet(video: str | Path, out: str | Path, row_id: str, prompt: str, layout: SheetLayout = SheetLayout()) -> Path:
+def contact_sheet(
+    video: str | Path, out: str | Path, row_id: str, prompt: str, layout: SheetLayout = SheetLayout()
+) -> Path:
     """Write a PNG grid of `layout.count` evenly spaced frames with the id and prompt under it."""
     total = frame_count(video)
     frames, _ = pick_frames(video, evenly_spaced(total, layout.count))
     height, width = frames[0].shape[:2]
     sheet_w, sheet_h = layout.size(width, height)
-    tile_h = layout.tile_height(width, height)
+    tile_w, tile_h = layout.tile_size(width, height)
     sheet = Image.new("RGB", (sheet_w, sheet_h), (24, 24, 24))
     for i, frame in enumerate(frames):
-        tile = Image.fromarray(frame).resize((layout.tile_width, tile_h), Image.Resampling.BILINEAR)
+        tile = Image.fromarray(frame).resize((tile_w, tile_h), Image.Resampling.BILINEAR)
         col, row = i % layout.columns, i // layout.columns
-        sheet.paste(tile, (layout.gap + col * (layout.tile_width + layout.gap), layout.gap + row * (tile_h + layout.gap)))
+        x = layout.gap + col * (tile_w + layout.gap)
+        sheet.paste(tile, (x, layout.gap + row * (tile_h + layout.gap)))
     draw = ImageDraw.Draw(sheet)
     font = _font(layout.line_height - 3)
     top = layout.rows * tile_h + (layout.rows + 1) * layout.gap

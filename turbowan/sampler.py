@@ -91,7 +91,8 @@ def run_steps(
             i + 1, len(timesteps) - 1, expert_name, t_cur.item(), time.perf_counter() - started,
         )
     if stop > state.next_step:
-        log.info("%s expert: %d step(s) in %.2f s", expert_name, stop - state.next_step, time.perf_counter() - loop_started)
+        log.info("%s expert: %d step(s) in %.2f s",
+                 expert_name, stop - state.next_step, time.perf_counter() - loop_started)
     return SamplerState(x=x, generator=state.generator, next_step=max(stop, state.next_step))
 
 
