@@ -12,7 +12,7 @@ GALLERY_INFO = dict(
     results=RESULTS,
     fps=config["video"]["fps"],
     checkpoints={key: MODELS[key] for key in ("high", "low", "vae", "text_encoder")},
-    attention=str(config.get("attention", "sdpa")),
+    attention=f"{config['attention']} (SLA topk {config['sla_topk']})",
     embed=config["gallery"]["embed"],
 )
 GALLERY = f"{RESULTS}/gallery"
