@@ -11,7 +11,6 @@ prepare_models, or ComfyUI's) or `.pth` (memory-mapped, weights only); the pipel
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,6 +31,7 @@ from .formats import (
 )
 from .int8 import swap_in_int8_linears
 from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
+from .progress import announce_load, took
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def load_transformer(
     from diffusers import WanTransformer3DModel
 
     path = Path(path)
-    started = time.perf_counter()
+    started = announce_load(log, "expert", path, device)
     info = _inspect(path, "dit")
     config = dit_model_config(info)
     mode, implementation = resolve_attention(attention, info.sla, device, str(path), kernels)
@@ -147,9 +147,9 @@ def load_transformer(
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
     log.info(
-        "loaded expert %s: %s; attention %s (%s, topk %s)%s in %.1f s",
+        "loaded expert %s: %s; attention %s (%s, topk %s)%s in %s",
         path, info.describe(), mode, implementation, sla_topk,
-        f"; int8 linears via {int8_backend}" if int8_backend else "", time.perf_counter() - started,
+        f"; int8 linears via {int8_backend}" if int8_backend else "", took(path, started),
     )
     if mode == "sdpa" and info.sla:
         log.warning("%s carries SLA weights, but attention is sdpa: the SLA linear branch is dropped", path)
@@ -164,14 +164,14 @@ def load_vae(path: str | Path, device: torch.device, dtype: torch.dtype = torch.
     from diffusers import AutoencoderKLWan
 
     path = Path(path)
-    started = time.perf_counter()
+    started = announce_load(log, "VAE", path, device)
     info = _inspect(path, "vae")
     with init_empty_weights(include_buffers=False):
         model = AutoencoderKLWan(**info.config)
     state = _stream_state_dict(info, vae_rename_table(info.index), device, lambda _k, _t: dtype)
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
-    log.info("loaded VAE %s: %s in %.1f s", path, info.describe(), time.perf_counter() - started)
+    log.info("loaded VAE %s: %s in %s", path, info.describe(), took(path, started))
     return model
 
 
@@ -217,7 +217,7 @@ def load_text_encoder(path: str | Path, device: torch.device, dtype: torch.dtype
     from transformers import UMT5EncoderModel
 
     path = Path(path)
-    started = time.perf_counter()
+    started = announce_load(log, "text encoder", path, device)
     info = _inspect(path, "text_encoder")
     with init_empty_weights(include_buffers=False):
         model = UMT5EncoderModel(t5_config(info))
@@ -225,7 +225,7 @@ def load_text_encoder(path: str | Path, device: torch.device, dtype: torch.dtype
     state = _stream_state_dict(info, table, device, lambda _k, _t: dtype, _dequantize_fp8)
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
-    log.info("loaded text encoder %s: %s in %.1f s", path, info.describe(), time.perf_counter() - started)
+    log.info("loaded text encoder %s: %s in %s", path, info.describe(), took(path, started))
     return model
 
 

@@ -1,10 +1,13 @@
-"""Timed phases in a job's log, so a slow stage shows where its seconds went."""
+"""Timed phases in a job's log, so a slow stage shows where its seconds went, and model loads that
+say what they load, how big it is and how fast it came (a 28 GB expert can take minutes)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger("turbowan.progress")
@@ -20,3 +23,23 @@ def phase(name: str) -> Iterator[None]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     log.info("%s: %.2f s", name, time.perf_counter() - started)
+
+
+def _size_bytes(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return os.path.getsize(path) if path.exists() else 0  # a missing file: the loader says so
+
+
+def announce_load(logger: logging.Logger, what: str, path: str | Path, device: object) -> float:
+    """Log 'loading <what> <path> (<size> GB) onto <device>'; returns the start time for `took`."""
+    logger.info("loading %s %s (%.2f GB) onto %s", what, path, _size_bytes(path) / 1e9, device)
+    return time.perf_counter()
+
+
+def took(path: str | Path, started: float) -> str:
+    """'<s> s (<GB/s>)': the time since `started` and the file's size over it."""
+    seconds = time.perf_counter() - started
+    rate = _size_bytes(path) / 1e9 / seconds if seconds > 0 else float("inf")
+    return f"{seconds:.1f} s ({rate:.2f} GB/s)"

@@ -80,6 +80,7 @@ def run_steps(
     """Run steps state.next_step .. stop-1 with one network; returns the advanced state."""
     timesteps = timesteps.to(state.x.device)
     x = state.x
+    loop_started = time.perf_counter()
     for i in range(state.next_step, stop):
         started = time.perf_counter()
         t_cur, t_next = timesteps[i], timesteps[i + 1]
@@ -89,6 +90,9 @@ def run_steps(
             "step %d/%d (%s expert, t=%.4f): %.2f s",
             i + 1, len(timesteps) - 1, expert_name, t_cur.item(), time.perf_counter() - started,
         )
+    if stop > state.next_step:
+        log.info("%s expert: %d step(s) in %.2f s",
+                 expert_name, stop - state.next_step, time.perf_counter() - loop_started)
     return SamplerState(x=x, generator=state.generator, next_step=max(stop, state.next_step))
 
 

@@ -1,0 +1,102 @@
+"""The `turbowan` command: status (the summary table) and inspect (an artifact's header)."""
+
+import pickle
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from tests.conftest import REPO, write_image
+from turbowan.artifacts import save_artifact
+from turbowan.cli import main
+from turbowan.summary import STAGES, RowRef, stage_output, write_summary
+
+ROWS = [RowRef("boat", "a boat", "0123456789abcdef"), RowRef("cafe", "a café", "fedcba9876543210")]
+
+
+def test_inspect_prints_tensors_and_record(tmp_path, capsys):
+    upstream = tmp_path / "cond.safetensors"
+    upstream.write_bytes(b"upstream bytes")
+    path = tmp_path / "boundary.safetensors"
+    save_artifact(
+        path,
+        {"x": torch.zeros(1, 16, 3, 4, 6, dtype=torch.float64), "next_step": torch.tensor([2])},
+        stage="sample_high", params={"seed": 42, "boundary": 0.9, "ode": False}, inputs={"cond": upstream},
+    )
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "tensors (2):"
+    assert out[2].split() == ["next_step", "[1]", "I64"]
+    assert out[3].split() == ["x", "[1,", "16,", "3,", "4,", "6]", "F64"]
+    assert "stage: sample_high" in out
+    assert "  boundary = 0.9" in out and "  seed = 42" in out and "  ode = False" in out
+    assert any(line.startswith(f"  cond: {upstream} (14 bytes, ") for line in out)
+    assert any(line.startswith("versions: ") and "torch " in line for line in out)
+
+
+def test_inspect_never_unpickles(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "model.pth"
+    evil.write_bytes(pickle.dumps(Payload()))
+    torch_zip = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(2)}, torch_zip)
+    garbage = tmp_path / "broken.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+
+    assert main(["inspect", str(evil), str(torch_zip), str(garbage)]) == 1
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert err.count("never unpickles") == 2 and "broken.safetensors: not a readable safetensors file" in err
+
+
+def test_inspect_a_checkpoint_without_record(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vae.safetensors"
+    save_file({"conv1.weight": torch.zeros(4, 3, dtype=torch.bfloat16)}, str(path), metadata={"format": "pt"})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "conv1.weight  [4, 3]" in out and "BF16" in out
+    assert "no 'turbowan' record" in out and '"format": "pt"' in out
+
+
+def test_status_rebuilds_from_the_previous_summary(tmp_path, capsys):
+    for stage in STAGES:
+        out = stage_output(tmp_path, ROWS[0], stage)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.mkdir() if stage == "decode" else out.write_bytes(b"x")
+    write_summary(tmp_path, ROWS)
+    stage_output(tmp_path, ROWS[0], "encode_video").unlink()  # changed since the last run
+
+    assert main(["status", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["boat", "missing", "ok", "ok", "ok", "ok", "ok", "-"]
+    assert lines[2].split()[:3] == ["cafe", "missing", "-"]
+    assert lines[-1] == "2 rows: 0 done, 0 failed, 2 incomplete"
+    assert "boat,missing" in (tmp_path / "summary.csv").read_text()  # rebuilt on disk too
+
+
+def test_status_without_a_summary(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "summary.csv does not exist yet" in capsys.readouterr().err
+
+
+def test_status_from_a_config_as_a_command(tmp_path):
+    """The installed entry point, reading the rows from a config's sheet (no run yet)."""
+    write_image(tmp_path / "a.png", 32, 32)
+    (tmp_path / "sheet.csv").write_text('id,image,prompt\nrow-1,a.png,"one, two"\nrow-2,a.png,three\n')
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(sheet="sheet.csv", results="out")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "turbowan.cli", "status", "--configfile", "config.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[:2] for line in proc.stdout.splitlines()[1:3]] == [["row-1", "missing"], ["row-2", "missing"]]
+    assert (tmp_path / "out" / "summary.csv").is_file()

@@ -1,0 +1,151 @@
+"""summary.csv from a results folder: states, errors from real job logs, timings, the CSV itself."""
+
+import csv
+import logging
+
+import pytest
+
+from turbowan.artifacts import ArtifactError
+from turbowan.jobs import run_stage
+from turbowan.summary import (
+    STAGES, RowRef, benchmark_seconds, build_summary, columns, format_table, last_error, rows_from_summary,
+    stage_output, stage_status, write_summary,
+)
+
+ROW = RowRef(id="boat", prompt='A boat, "at dawn";\nthe camera pans', prompt_key="0123456789abcdef")
+
+
+def finish(results, row, stage, seconds=None):
+    """Leave what a successful job leaves: its output and (optionally) a benchmark."""
+    out = stage_output(results, row, stage)
+    if stage == "decode":
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"x")
+    if seconds is not None:
+        key = row.prompt_key if stage == "encode_prompt" else row.id
+        bench = results / "benchmarks" / stage / f"{key}.tsv"
+        bench.parent.mkdir(parents=True, exist_ok=True)
+        bench.write_text(f"s\th:m:s\tmax_rss\n{seconds}\t0:00:01\t100.0\n")
+
+
+def job_log(results, row, stage):
+    return results / "logs" / stage / f"{row.prompt_key if stage == 'encode_prompt' else row.id}.log"
+
+
+def fail(results, row, stage, error):
+    """Run a stage that raises through run_stage, which writes the job log Snakemake would keep."""
+
+    def broken():
+        raise error
+
+    with pytest.raises(type(error)):
+        run_stage(stage, str(job_log(results, row, stage)), broken)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """run_stage points the root logger at the job's log file, as a job process wants; undo it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+
+
+def test_done_failed_missing_from_real_logs(tmp_path):
+    for stage in STAGES[:3]:
+        finish(tmp_path, ROW, stage, seconds=1.25)
+    fail(tmp_path, ROW, "sample_low", ArtifactError("results/boat/boundary.safetensors: broken safetensors file"))
+
+    states = {stage: stage_status(tmp_path, ROW, stage) for stage in STAGES}
+    assert [states[s].state for s in STAGES] == ["done", "done", "done", "failed", "missing", "missing"]
+    assert states["encode_prompt"].seconds == 1.25
+    assert states["encode_prompt"].output.endswith("prompts/0123456789abcdef/text.safetensors")
+    failed = states["sample_low"]
+    assert failed.error == "ArtifactError: results/boat/boundary.safetensors: broken safetensors file"
+    assert failed.seconds is not None and failed.seconds < 5  # from "sample_low failed after 0.0 s"
+
+    (line,) = build_summary(tmp_path, [ROW])
+    assert line["state"] == "failed" and line["failed_stage"] == "sample_low"
+    assert line["error"].startswith("ArtifactError: results/boat/boundary")
+    assert line["total_s"] == pytest.approx(3.75, abs=0.1)
+    assert line["encode_image_s"] == 1.25 and line["decode_s"] == ""
+
+
+def test_rerun_that_succeeds_clears_the_failure(tmp_path):
+    fail(tmp_path, ROW, "encode_image", RuntimeError("out of memory"))
+    assert stage_status(tmp_path, ROW, "encode_image").state == "failed"
+    run_stage("encode_image", str(job_log(tmp_path, ROW, "encode_image")), lambda: None)
+    finish(tmp_path, ROW, "encode_image")
+    status = stage_status(tmp_path, ROW, "encode_image")
+    assert status.state == "done" and status.error is None
+    assert status.seconds is not None  # no benchmark: "done in X s" from the log
+
+
+def test_decode_counts_as_done_once_its_temporary_frames_became_the_mp4(tmp_path):
+    for stage in STAGES:
+        finish(tmp_path, ROW, stage, seconds=2)
+    stage_output(tmp_path, ROW, "decode").rmdir()  # Snakemake removes temp() frames after encode_video
+    (line,) = build_summary(tmp_path, [ROW])
+    assert line["state"] == "done" and line["decode_state"] == "done"
+    assert line["total_s"] == 12
+    stage_output(tmp_path, ROW, "encode_video").unlink()
+    (line,) = build_summary(tmp_path, [ROW])
+    assert line["state"] == "missing" and line["decode_state"] == "missing"
+
+
+@pytest.mark.parametrize("log, expected", [
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad value\n", "ValueError: bad value"),
+    # chained: the last exception is the one reported
+    ("KeyError: 'a'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+     "Traceback (most recent call last):\nturbowan.artifacts.ArtifactError: x.safetensors: missing\n",
+     "ArtifactError: x.safetensors: missing"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n",
+     "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ("2026-11-25 INFO turbowan.job: sample_high done in 3.0 s\n", None),
+    ("", None),
+])
+def test_last_error(log, expected):
+    assert last_error(log) == expected
+
+
+def test_last_error_is_kept_short():
+    error = last_error("RuntimeError: " + "x" * 1000)
+    assert error.startswith("RuntimeError: xxx") and error.endswith("…") and len(error) == 160
+
+
+def test_benchmark_seconds_is_the_mean_over_repeats(tmp_path):
+    bench = tmp_path / "b.tsv"
+    bench.write_text("s\th:m:s\n2.0\t0:00:02\n4.0\t0:00:04\n")
+    assert benchmark_seconds(bench) == 3.0
+    assert benchmark_seconds(tmp_path / "none.tsv") is None
+
+
+def test_write_and_read_back(tmp_path):
+    other = RowRef(id="cafe.night", prompt="Café, «nuit» — 夜の雨", prompt_key="fedcba9876543210")
+    for stage in STAGES:
+        finish(tmp_path, ROW, stage, seconds=1)
+    path = write_summary(tmp_path, [ROW, other])
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == columns()
+        lines = list(reader)
+    assert [line["id"] for line in lines] == ["boat", "cafe.night"]
+    assert [line["state"] for line in lines] == ["done", "missing"]
+    assert lines[1]["video"].endswith("cafe.night/video.mp4")
+    assert rows_from_summary(tmp_path) == [ROW, other]  # prompts with quotes, newlines, Unicode survive
+    assert not list(tmp_path.glob(".summary.csv*"))  # written atomically, no temporary file left
+
+
+def test_format_table(tmp_path):
+    fail(tmp_path, ROW, "encode_prompt", ValueError("tokenizer folder not found"))
+    text = format_table(build_summary(tmp_path, [ROW]))
+    head, body, total = text.splitlines()
+    assert head.split()[:3] == ["id", "state", "enc_prompt"]
+    assert body.split()[:4] == ["boat", "failed", "FAIL", "-"]
+    assert body.endswith("ValueError: tokenizer folder not found")
+    assert total == "1 rows: 0 done, 1 failed, 0 incomplete"

@@ -1,0 +1,206 @@
+"""The batch's status table: for every sheet row, each stage's state, error, output and time.
+
+Built only from what a run leaves on disk (outputs, job logs, Snakemake benchmarks), so it can be
+rebuilt at any time: by the Snakefile's end-of-run handlers (also after --keep-going failures),
+by the gallery, and by `turbowan status`. Nothing here needs Snakemake.
+
+A stage is `done` when its output exists, `failed` when its log ends in an error (the output of a
+failed job is removed by Snakemake), and `missing` otherwise (not run yet, or skipped because an
+upstream stage failed).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from .artifacts import atomic_path
+
+STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode", "encode_video")
+DONE, FAILED, MISSING = "done", "failed", "missing"
+SUMMARY_NAME = "summary.csv"
+ERROR_WORDS = 160  # characters of an error message kept in the table
+
+# The last line of a Python traceback: "package.module.SomeError: message" (or a bare name).
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))\b:?\s*(.*)$")
+_FAILED_AFTER = re.compile(r"failed after ([0-9.]+) s")
+_DONE_IN = re.compile(r"\bdone in ([0-9.]+) s")
+
+
+class RowLike(Protocol):
+    id: str
+    prompt: str
+
+    @property
+    def prompt_key(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """The least a summary needs of a row (what `turbowan status` reads back from summary.csv)."""
+
+    id: str
+    prompt: str
+    prompt_key: str
+
+
+def stage_key(row: RowLike, stage: str) -> str:
+    """The name a stage's log and benchmark are filed under: the prompt key or the row id."""
+    return row.prompt_key if stage == "encode_prompt" else row.id
+
+
+def stage_output(results: str | Path, row: RowLike, stage: str) -> Path:
+    results = Path(results)
+    outputs = {
+        "encode_prompt": results / "prompts" / row.prompt_key / "text.safetensors",
+        "encode_image": results / row.id / "cond.safetensors",
+        "sample_high": results / row.id / "boundary.safetensors",
+        "sample_low": results / row.id / "latent.safetensors",
+        "decode": results / row.id / "frames",
+        "encode_video": results / row.id / "video.mp4",
+    }
+    return outputs[stage]
+
+
+def log_file(results: str | Path, rule: str, key: str) -> Path:
+    return Path(results) / "logs" / rule / f"{key}.log"
+
+
+def benchmark_file(results: str | Path, rule: str, key: str) -> Path:
+    return Path(results) / "benchmarks" / rule / f"{key}.tsv"
+
+
+def last_error(log_text: str) -> str | None:
+    """The last exception line of a job log, shortened ("ArtifactError: x.safetensors: ..."), or None."""
+    for line in reversed(log_text.splitlines()):
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match:
+            name, message = match.groups()
+            text = f"{name}: {message}" if message else name
+            return text if len(text) <= ERROR_WORDS else text[: ERROR_WORDS - 1] + "…"
+    return None
+
+
+def benchmark_seconds(path: str | Path) -> float | None:
+    """Wall-clock seconds from a Snakemake benchmark TSV (column `s`; the mean over repeats)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        values = [float(rec["s"]) for rec in csv.DictReader(f, delimiter="\t") if rec.get("s") not in (None, "", "NA")]
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class StageStatus:
+    state: str
+    seconds: float | None = None
+    error: str | None = None
+    output: str = ""
+
+
+def stage_status(results: str | Path, row: RowLike, stage: str) -> StageStatus:
+    key = stage_key(row, stage)
+    output = stage_output(results, row, stage)
+    log_text = ""
+    log = log_file(results, stage, key)
+    if log.is_file():
+        log_text = log.read_text(encoding="utf-8", errors="replace")
+    exists = output.exists()
+    if stage == "decode" and not exists:
+        # Frames are temporary: once the mp4 is made from them Snakemake deletes them.
+        exists = stage_output(results, row, "encode_video").exists()
+    if exists:
+        seconds = benchmark_seconds(benchmark_file(results, stage, key))
+        if seconds is None and (match := _DONE_IN.search(log_text)):
+            seconds = float(match[1])
+        return StageStatus(DONE, seconds, None, str(output))
+    error = last_error(log_text)
+    if error:
+        match = _FAILED_AFTER.search(log_text)
+        return StageStatus(FAILED, float(match[1]) if match else None, error, str(output))
+    return StageStatus(MISSING, None, None, str(output))
+
+
+def row_summary(results: str | Path, row: RowLike) -> dict[str, object]:
+    """One line of summary.csv: the row's overall state, its first failure, and per-stage columns."""
+    stages = {stage: stage_status(results, row, stage) for stage in STAGES}
+    failed = [s for s in STAGES if stages[s].state == FAILED]
+    if all(st.state == DONE for st in stages.values()):
+        state = DONE
+    elif failed:
+        state = FAILED
+    else:
+        state = MISSING
+    times = [st.seconds for st in stages.values() if st.seconds is not None]
+    line: dict[str, object] = {
+        "id": row.id,
+        "state": state,
+        "failed_stage": failed[0] if failed else "",
+        "error": stages[failed[0]].error if failed else "",
+        "total_s": round(sum(times), 2) if times else "",
+        "video": stages["encode_video"].output,
+        "prompt_key": row.prompt_key,
+        "prompt": row.prompt,
+    }
+    for stage in STAGES:
+        st = stages[stage]
+        line[f"{stage}_state"] = st.state
+        line[f"{stage}_s"] = round(st.seconds, 2) if st.seconds is not None else ""
+        line[f"{stage}_output"] = st.output
+    return line
+
+
+def columns() -> list[str]:
+    head = ["id", "state", "failed_stage", "error", "total_s", "video"]
+    per_stage = [f"{stage}_{what}" for what in ("state", "s") for stage in STAGES]
+    outputs = [f"{stage}_output" for stage in STAGES]
+    return head + per_stage + outputs + ["prompt_key", "prompt"]
+
+
+def build_summary(results: str | Path, rows: Iterable[RowLike]) -> list[dict[str, object]]:
+    return [row_summary(results, row) for row in rows]
+
+
+def write_summary(results: str | Path, rows: Iterable[RowLike]) -> Path:
+    """Rebuild <results>/summary.csv (atomically) and return its path."""
+    path = Path(results) / SUMMARY_NAME
+    lines = build_summary(results, rows)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns())
+            writer.writeheader()
+            writer.writerows(lines)
+    return path
+
+
+def read_summary(results: str | Path) -> list[dict[str, str]]:
+    path = Path(results) / SUMMARY_NAME
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def rows_from_summary(results: str | Path) -> list[RowRef]:
+    """The rows a previous summary listed, to rebuild it without the sheet."""
+    return [RowRef(rec["id"], rec["prompt"], rec["prompt_key"]) for rec in read_summary(results)]
+
+
+def format_table(lines: list[dict[str, object]]) -> str:
+    """A terminal table: one line per row, a short state code per stage, the total time, the error."""
+    codes = {DONE: "ok", FAILED: "FAIL", MISSING: "-"}
+    head = ["id", "state", *(s.replace("encode_", "enc_") for s in STAGES), "time_s", "error"]
+    body = [
+        [str(line["id"]), str(line["state"]), *(codes.get(str(line[f"{s}_state"]), "?") for s in STAGES),
+         str(line["total_s"]), str(line["error"])]
+        for line in lines
+    ]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head) - 1)]
+    out = []
+    for r in [head, *body]:
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])
+    counts = {state: sum(1 for line in lines if line["state"] == state) for state in (DONE, FAILED, MISSING)}
+    out.append(f"{len(lines)} rows: {counts[DONE]} done, {counts[FAILED]} failed, {counts[MISSING]} incomplete")
+    return "\n".join(line.rstrip() for line in out)
