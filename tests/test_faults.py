@@ -107,6 +107,13 @@ def test_one_failing_row_does_not_stop_the_others(tmp_path):
     assert "fault injected" in (folder / "results" / "logs" / "sample_low" / "r2.log").read_text()
     assert (folder / "results" / "r1" / "video.mp4").is_file() and (folder / "results" / "r3" / "video.mp4").is_file()
     assert not (folder / "results" / "r2" / "latent.safetensors").exists()
+    import csv
+
+    with open(folder / "results" / "summary.csv", newline="", encoding="utf-8") as f:
+        summary = {line["id"]: line for line in csv.DictReader(f)}
+    assert summary["r2"]["state"] == "failed" and summary["r2"]["failed_stage"] == "sample_low"
+    assert "fault injected" in summary["r2"]["error"]
+    assert summary["r1"]["state"] == summary["r3"]["state"] == "done"
     before = mtimes(folder)
     snakemake(folder)  # the fault is gone: only r2's remaining stages run
     after = mtimes(folder)

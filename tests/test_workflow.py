@@ -9,6 +9,7 @@ from .conftest import SHEET, make_workdir, mtimes, snakemake
 
 pytestmark = pytest.mark.slow
 
+
 def test_every_row_gets_its_video(finished):
     results = finished / "results"
     assert probe(results / "boat" / "video.mp4") == {"frames": 9, "width": 48, "height": 32, "fps": 16.0}
