@@ -17,7 +17,6 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 
 from .attention import install_attention, resolve_attention
 from .formats import (
@@ -30,6 +29,7 @@ from .formats import (
     read_index,
 )
 from .int8 import swap_in_int8_linears
+from .safetensors_io import SafetensorsFile, SafetensorsFormatError
 from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
 from .progress import announce_load, took
 
@@ -60,9 +60,9 @@ def _open_tensors(info: ModelInfo) -> Iterator[Callable[[str], torch.Tensor]]:
         del tensors
         return
     try:
-        with safe_open(str(info.path), framework="pt", device="cpu") as f:
+        with SafetensorsFile(info.path) as f:  # plain reads: no whole-file memory map in the job's RSS
             yield f.get_tensor
-    except SafetensorError as err:
+    except SafetensorsFormatError as err:
         raise CheckpointError(f"{info.path}: broken safetensors file ({err})") from err
 
 

@@ -1,0 +1,63 @@
+"""The plain-read safetensors reader gives safetensors' own tensors without mapping the file."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from turbowan.safetensors_io import SafetensorsFile, SafetensorsFormatError
+
+
+def test_every_dtype_reads_back_identically(tmp_path):
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "f16": torch.randn(2, 2).half(),
+        "f64": torch.randn(4, dtype=torch.float64), "i8": torch.randint(-128, 127, (9,), dtype=torch.int8),
+        "u8": torch.randint(0, 255, (3, 3), dtype=torch.uint8), "i64": torch.arange(5),
+        "f8": torch.randn(6).to(torch.float8_e4m3fn), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+        "bool": torch.tensor([True, False]),
+    }
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    with SafetensorsFile(path) as ours, safe_open(str(path), "pt") as theirs:
+        assert sorted(ours.keys()) == sorted(theirs.keys())
+        for name in theirs.keys():
+            a, b = ours.get_tensor(name), theirs.get_tensor(name)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+
+
+def test_demo_expert_reads_back_identically(demo_models):
+    with SafetensorsFile(demo_models["high"]) as ours, safe_open(demo_models["high"], "pt") as theirs:
+        for name in theirs.keys():
+            assert torch.equal(ours.get_tensor(name), theirs.get_tensor(name))
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_reading_a_file_tensor_by_tensor_keeps_only_one_in_memory(tmp_path):
+    path = tmp_path / "big.safetensors"
+    save_file({f"t{i}": torch.ones(4 * 1024**2) for i in range(24)}, str(path))  # 24 x 16 MB = 384 MB
+    before = resident_mb()
+    peak = before
+    with SafetensorsFile(path) as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            assert tensor.sum().item() == 4 * 1024**2
+            del tensor
+            peak = max(peak, resident_mb())
+    assert peak - before < 100, f"RSS grew by {peak - before:.0f} MB reading a 384 MB file"
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"x": torch.zeros(100)}, str(path))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(SafetensorsFormatError, match="header needs"):
+        SafetensorsFile(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(SafetensorsFormatError, match="not a safetensors file"):
+        SafetensorsFile(tmp_path / "junk.safetensors")
