@@ -19,10 +19,10 @@ STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 def job_span(log: Path):
     """(start, end, uuid of the locked card) of one job, from its log."""
-    lines = log.read_text().splitlines()
-    times = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f") for m in map(STAMP.match, lines) if m]
-    card = re.search(r"gpu: card \d+ .*uuid=(GPU-[0-9a-f-]+), locked via ", lines[0])
-    assert card, f"{log}: no card line in {lines[0]!r}"
+    text = log.read_text()
+    times = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f") for m in map(STAMP.match, text.splitlines()) if m]
+    card = re.search(r"gpu: card \d+ .*uuid=(GPU-[0-9a-f-]+), locked via ", text)
+    assert card, f"{log}: no card line in\n{text}"
     return times[0], times[-1], card.group(1)
 
 
@@ -39,7 +39,7 @@ def test_concurrent_gpu_jobs_use_different_cards_and_params_trigger_reruns(tmp_p
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {"TURBOWAN_GPUS": ",".join(CARDS), "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
 
-    run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "--resources", "gpu=2", env=env)
+    run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "--resources", "gpu=2", extra_env=env)
 
     spans = [job_span(log) for rule in GPU_RULES for log in (tmp_path / "results" / "logs" / rule).glob("*.log")]
     assert len(spans) == 10  # 2 prompts + 2 rows x 4 GPU stages
@@ -50,10 +50,10 @@ def test_concurrent_gpu_jobs_use_different_cards_and_params_trigger_reruns(tmp_p
     assert {span[2] for span in spans} == set(CARDS)
 
     # Nothing changed: nothing to do. A changed value reruns the jobs that get it, and only those.
-    dry = run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"), "-n", env=env)
+    dry = run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"), "-n", extra_env=env)
     assert "Nothing to be done" in dry.stdout + dry.stderr
     config["video"]["quality"] = 9
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    dry = run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"), "-n", env=env).stdout
+    dry = run_snakemake(tmp_path, "--configfile", str(tmp_path / "config.yaml"), "-n", extra_env=env).stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.split("Job stats:")[1], re.M))
     assert jobs == {"all": "1", "encode_video": "2", "decode": "2", "total": "5"}

@@ -80,8 +80,9 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     rows = write_batch(tmp_path, demo_models)
     results = tmp_path / "results"
     profile = ["--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(tmp_path / "config.yaml"),
-               # poll SLURM soon after submitting: the test jobs take seconds, not minutes
-               "--slurm-init-seconds-before-status-checks", "2"]
+               # The plugin polls SLURM this long after a submission, then 10 s, 20 s, ... later
+               # again. A test job takes 15-25 s (three Python start-ups): 8 s finds most at 26 s.
+               "--slurm-init-seconds-before-status-checks", "8"]
     seen_before = {job["id"] for job in slurm_jobs(slurm_cluster)}
 
     # Run 1, without the profile's retries (they would resubmit the cancelled job at once):

@@ -89,18 +89,18 @@ def run_stage(
     log.info("%s", _gpu_line())
     started = time.perf_counter()
     try:
-        if injected_fault(name, log_file):
-            raise RuntimeError(f"fault injected by {FAULT_ENV}")
-        stage(**kwargs)
-    except Exception:
-        log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
+        try:
+            if injected_fault(name, log_file):
+                raise RuntimeError(f"fault injected by {FAULT_ENV}")
+            stage(**kwargs)
+        except Exception:
+            log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
+            raise
+        rss_gb = _peak_rss_gb()
+        gpu = ""
+        if torch.cuda.is_available():
+            gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
+        log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)
+    finally:
         if card:
-            card.release()
-        raise
-    rss_gb = _peak_rss_gb()
-    gpu = ""
-    if torch.cuda.is_available():
-        gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
-    log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)
-    if card:
-        card.release()
+            card.release()  # (a killed job releases it too: the kernel drops the flock)
