@@ -109,7 +109,7 @@ GresTypes=gpu
 $node Gres=gpu:$count
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    echo "NodeName=$host Name=gpu File=$files" >"$DIR/gres.conf"
+    printf '# Written by tools/slurm-local.sh\nNodeName=%s Name=gpu File=%s\n' "$host" "$files" >"$DIR/gres.conf"
 }
 
 wait_idle() {
@@ -126,11 +126,19 @@ wait_idle() {
 }
 
 link_config() {
-    local name
+    # Replaces only links this script made (a dangling one, or one to a file it wrote) whose
+    # cluster is not running, e.g. left by a test session that was killed.
+    local name target
     mkdir -p "$ETC"
     for name in slurm.conf gres.conf; do
-        if [[ -e $ETC/$name || -L $ETC/$name ]] && [[ $(readlink "$ETC/$name") != "$DIR/$name" ]]; then
-            die "$ETC/$name exists and is not this script's; not touching a SLURM set-up"
+        target=$(readlink "$ETC/$name" || true)
+        if [[ -e $ETC/$name || -L $ETC/$name ]] && [[ $target != "$DIR/$name" ]]; then
+            if [[ ! -L $ETC/$name ]] || { [[ -e $target ]] && ! grep -q "tools/slurm-local.sh" "$target"; }; then
+                die "$ETC/$name exists and is not this script's; not touching a SLURM set-up"
+            fi
+            if alive "$(dirname "$target")/slurmctld.pid"; then
+                die "another cluster of this script runs from $(dirname "$target"); stop it first"
+            fi
         fi
         ln -sfn "$DIR/$name" "$ETC/$name"
     done
@@ -192,7 +200,7 @@ stop() {
 status() {
     local name
     for name in slurmctld slurmd munged; do
-        if alive "$DIR/$name.pid"; then echo "$name: running (pid $(cat "$DIR/$name.pid"))"; else echo "$name: not running (started by this script)"; fi
+        if alive "$DIR/$name.pid"; then echo "$name: running (pid $(cat "$DIR/$name.pid"))"; else echo "$name: not started by this script"; fi
     done
     if alive "$DIR/slurmctld.pid"; then
         sinfo
