@@ -23,6 +23,7 @@ DIR=${SLURM_LOCAL_DIR:-/var/tmp/turbowan-slurm}
 FAKE_GPUS=${SLURM_LOCAL_GPUS:-2}
 PACKAGES=(slurmctld slurmd slurm-client munge)
 export SLURM_CONF=$DIR/slurm.conf
+export PATH=$PATH:/usr/sbin:/sbin  # the daemons, munged and runuser live there
 
 say() { echo "slurm-local: $*" >&2; }
 die() { say "error: $*"; exit 1; }
