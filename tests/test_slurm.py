@@ -7,6 +7,7 @@ TURBOWAN_REQUIRE_SLURM=1, so there a missing cluster fails the suite instead of 
 
 import csv
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -41,16 +42,17 @@ def slurm_cluster(tmp_path_factory):
 
 
 def slurm_jobs(cluster_env) -> list[dict]:
-    """Every job SLURM still remembers (MinJobAge): id, rule, row, state, GPUs asked for."""
+    """Every job SLURM still remembers (MinJobAge): id, rule, row, state, GPUs asked for, times."""
     out = subprocess.run(
-        ["squeue", "-t", "all", "-h", "-O", "JobID:|,Comment:|,State:|,tres-per-job:"],
+        ["squeue", "-t", "all", "-h", "-O", "JobID:|,Comment:|,State:|,tres-per-job:|,StartTime:|,EndTime:"],
         env={**os.environ, **cluster_env}, capture_output=True, text=True, check=True,
     ).stdout
     jobs = []
     for line in out.splitlines():
-        job_id, comment, state, tres = (field.strip() for field in line.split("|"))
+        job_id, comment, state, tres, start, end = (field.strip() for field in line.split("|"))
         rule, _, row = comment.removeprefix("rule_").partition("_wildcards_")
-        jobs.append({"id": int(job_id), "rule": rule, "row": row, "state": state, "tres": tres})
+        jobs.append({"id": int(job_id), "rule": rule, "row": row, "state": state, "tres": tres,
+                     "start": start, "end": end})
     return jobs
 
 
@@ -128,6 +130,22 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
         wants_gpu = job["rule"] in GPU_RULES
         assert ("gpu:1" in job["tres"]) == wants_gpu, job
     # ... and the jobs took the card SLURM gave them (turbowan.gpus takes no lock under SLURM).
-    sample_log = (results / "logs" / "sample_low" / f"{row}.log").read_text()
-    assert "gpu: assigned by SLURM job" in sample_log and "CUDA_VISIBLE_DEVICES=" in sample_log
+    # GPU jobs ran side by side on the two cards: nothing (say, a `resources: gpu=1` in
+    # profiles/default, which Snakemake loads beside this profile) held them to one at a time.
+    # (SLURM's times have whole seconds, ISO format: strings compare as times.)
+    gpu_jobs = [j for j in slurm_jobs(slurm_cluster) if j["id"] in {job["id"] for job in all_jobs}
+                and j["rule"] in GPU_RULES and j["state"] == "COMPLETED"]
+    overlapping = [(a, b) for i, a in enumerate(gpu_jobs) for b in gpu_jobs[i + 1:]
+                   if a["start"] < b["end"] and b["start"] < a["end"]]
+    assert overlapping, f"no two GPU jobs ran at once: {gpu_jobs}"
+    cards = {}  # SLURM job id -> CUDA_VISIBLE_DEVICES, from the job logs (last run of each job)
+    for rule in GPU_RULES:
+        for log in (results / "logs" / rule).glob("*.log"):
+            found = re.search(r"gpu: assigned by SLURM job (\d+); CUDA_VISIBLE_DEVICES=(\S+)", log.read_text())
+            assert found, log
+            cards[int(found.group(1))] = found.group(2)
+    checked = [(a, b) for a, b in overlapping if a["id"] in cards and b["id"] in cards]
+    assert checked
+    for a, b in checked:
+        assert cards[a["id"]] != cards[b["id"]], f"jobs {a} and {b} ran at once on one card"
     assert "gpu: not requested" in (results / "logs" / "encode_video" / f"{row}.log").read_text()
