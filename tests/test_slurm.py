@@ -20,7 +20,7 @@ from .conftest import REPO, run_snakemake, snakemake_command
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 GPU_RULES = {"encode_prompt", "encode_image", "sample_high", "sample_low", "decode"}
-CPU_RULES = {"encode_video"}
+CPU_RULES = {"encode_video", "previews", "batch_contact_sheet", "gallery"}  # the mp4 and the report
 ARTIFACTS = ("text.safetensors", "cond.safetensors", "boundary.safetensors", "latent.safetensors", "video.mp4")
 
 
@@ -120,10 +120,11 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     after = artifacts(results)
     assert {path: after[path] for path in before} == before
     run2_jobs = [j for j in slurm_jobs(slurm_cluster) if j["id"] > max(job["id"] for job in run1_jobs)]
-    redone = ["sample_low", "decode", "encode_video"]
-    assert sorted((j["rule"], j["row"]) for j in run2_jobs) == sorted((rule, row) for rule in redone)
+    redone = [(rule, row) for rule in ("sample_low", "decode", "encode_video", "previews")]
+    redone += [("batch_contact_sheet", ""), ("gallery", "")]  # they gather every row's files
+    assert sorted((j["rule"], j["row"]) for j in run2_jobs) == sorted(redone)
 
-    # What each job asked SLURM for: one GPU for the GPU rules, none for the mp4 encoding.
+    # What each job asked SLURM for: one GPU for the GPU rules, none for the mp4 and the report.
     all_jobs = run1_jobs + run2_jobs
     assert {j["rule"] for j in all_jobs} == GPU_RULES | CPU_RULES
     for job in all_jobs:
