@@ -3,6 +3,7 @@ from turbowan.stages import decode
 
 run_stage(
     "decode", snakemake.log[0], decode,
+    gpus=snakemake.resources.get("gpu", 0),
     latent=snakemake.input.latent,
     vae=snakemake.input.vae,
     out_dir=snakemake.output.frames,

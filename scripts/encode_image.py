@@ -3,6 +3,7 @@ from turbowan.stages import encode_image
 
 run_stage(
     "encode_image", snakemake.log[0], encode_image,
+    gpus=snakemake.resources.get("gpu", 0),
     image=snakemake.input.image,
     vae=snakemake.input.vae,
     out=snakemake.output[0],

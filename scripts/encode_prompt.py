@@ -3,6 +3,7 @@ from turbowan.stages import encode_prompt
 
 run_stage(
     "encode_prompt", snakemake.log[0], encode_prompt,
+    gpus=snakemake.resources.get("gpu", 0),
     prompt=snakemake.params.prompt,
     text_encoder=snakemake.input.text_encoder,
     tokenizer=snakemake.input.tokenizer,

@@ -3,6 +3,7 @@ from turbowan.stages import sample_high
 
 run_stage(
     "sample_high", snakemake.log[0], sample_high,
+    gpus=snakemake.resources.get("gpu", 0),
     text=snakemake.input.text,
     cond=snakemake.input.cond,
     expert=snakemake.input.expert,

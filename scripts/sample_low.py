@@ -3,6 +3,7 @@ from turbowan.stages import sample_low
 
 run_stage(
     "sample_low", snakemake.log[0], sample_low,
+    gpus=snakemake.resources.get("gpu", 0),
     text=snakemake.input.text,
     cond=snakemake.input.cond,
     boundary=snakemake.input.boundary,

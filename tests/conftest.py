@@ -1,6 +1,10 @@
+import atexit
+import functools
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +40,51 @@ def write_image(path: Path, width: int, height: int, seed: int = 0, mode: str = 
     return path
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the workflow in `workdir` with the test's virtual environment first on PATH."""
+# SLURM's client commands. Snakemake loads every installed executor plugin on start-up, and the
+# SLURM plugin, when it finds `sinfo`, asks `scontrol show config` with a 10 s timeout: on a
+# machine with SLURM installed but no controller answering, every run would wait 10 s. So the
+# runs that do not test SLURM get a PATH without these.
+SLURM_COMMANDS = {"sacct", "sacctmgr", "salloc", "sattach", "sbatch", "sbcast", "scancel", "scontrol",
+                  "scrontab", "sdiag", "sinfo", "sprio", "squeue", "sreport", "srun", "sshare", "sstat",
+                  "strigger", "sview"}
+
+
+@functools.cache
+def path_without_slurm() -> str:
+    """A folder that links every command of /usr/local/bin, /usr/bin, /bin but SLURM's."""
+    folder = Path(tempfile.mkdtemp(prefix="turbowan-noslurm-bin-"))
+    atexit.register(shutil.rmtree, folder, True)
+    for source in ("/usr/local/bin", "/usr/bin", "/bin"):
+        if not os.path.isdir(source):
+            continue
+        for name in os.listdir(source):
+            if name not in SLURM_COMMANDS and not (folder / name).exists():
+                (folder / name).symlink_to(os.path.join(source, name))
+    return str(folder)
+
+
+def snakemake_command(workdir: Path, *args: str, local: bool = True, extra_env: dict | None = None):
+    """The command line and environment that run the workflow in `workdir` (see run_snakemake)."""
     # PYTHONPATH: the jobs import this checkout's turbowan, whatever else is installed.
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(workdir), "LC_ALL": "C.UTF-8", "PYTHONPATH": str(REPO),
-           **(extra_env or {})}
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "1", "--resources", "gpu=1", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    system_path = path_without_slurm() if local else "/usr/local/bin:/usr/bin:/bin"
+    full_env = {"PATH": f"{BIN}:{system_path}", "HOME": str(workdir), "LC_ALL": "C.UTF-8",
+                "PYTHONPATH": str(REPO), **(extra_env or {})}
+    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir)]
+    if local:
+        cmd += ["--cores", "1", "--resources", "gpu=1"]
+    return [*cmd, *args], full_env
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True, local: bool = True,
+                  extra_env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the workflow in `workdir` with the test's virtual environment first on PATH.
+
+    local=True (the default) runs the jobs here, one at a time (`--cores 1 --resources gpu=1`;
+    later arguments win), with SLURM's commands hidden; local=False adds no options and keeps
+    SLURM's commands, for runs with `--profile profiles/slurm`. `extra_env` adds variables.
+    """
+    cmd, full_env = snakemake_command(workdir, *args, local=local, extra_env=extra_env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -1,4 +1,5 @@
-"""What every stage job does around its work: log to its log file, time it, report peak memory."""
+"""What every stage job does around its work: take its GPU, log to its log file, time it, report
+peak memory."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import socket
 import sys
 import time
 from typing import Any, Callable
+
+from .gpus import assign_gpu
 
 log = logging.getLogger("turbowan.job")
 
@@ -62,22 +65,42 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def run_stage(name: str, log_file: str | None, stage: Callable[..., Any], **kwargs: Any) -> None:
-    """Run one stage function with logging; a failure is logged with its traceback and re-raised."""
-    _setup_logging(log_file)
-    import torch
+def run_stage(
+    name: str, log_file: str | None, stage: Callable[..., Any], *, gpus: int = 0, **kwargs: Any
+) -> None:
+    """Run one stage function with logging; a failure is logged with its traceback and re-raised.
 
-    log.info("%s on %s (pid %d); %s", name, socket.gethostname(), os.getpid(), _gpu_line())
+    `gpus` is the rule's `resources.gpu`: a GPU job first takes a card of its own (turbowan.gpus),
+    before anything initialises CUDA. `kwargs` go to the stage.
+    """
+    _setup_logging(log_file)
+    if gpus not in (0, 1):
+        raise ValueError(f"{name}: resources gpu={gpus}; a stage uses at most one GPU")
     started = time.perf_counter()
     try:
-        if injected_fault(name, log_file):
-            raise RuntimeError(f"fault injected by {FAULT_ENV}")
-        stage(**kwargs)
+        card = assign_gpu(name, str(kwargs.get("device", "auto"))) if gpus else None
     except Exception:
-        log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
+        log.exception("%s could not get a GPU after %.1f s", name, time.perf_counter() - started)
         raise
-    rss_gb = _peak_rss_gb()
-    gpu = ""
-    if torch.cuda.is_available():
-        gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
-    log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)
+    import torch
+
+    log.info("%s on %s (pid %d); %s", name, socket.gethostname(), os.getpid(),
+             card.describe() if card else "gpu: not requested")
+    log.info("%s", _gpu_line())
+    started = time.perf_counter()
+    try:
+        try:
+            if injected_fault(name, log_file):
+                raise RuntimeError(f"fault injected by {FAULT_ENV}")
+            stage(**kwargs)
+        except Exception:
+            log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
+            raise
+        rss_gb = _peak_rss_gb()
+        gpu = ""
+        if torch.cuda.is_available():
+            gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
+        log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)
+    finally:
+        if card:
+            card.release()  # (a killed job releases it too: the kernel drops the flock)

@@ -1,0 +1,160 @@
+"""One card per job on a multi-GPU box (turbowan.gpus), with fake card lists on the CPU.
+
+The jobs are real processes: flock locks belong to processes, and "a killed job frees its card"
+can only be shown by killing one.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from turbowan.gpus import Card, NoFreeGpu, allowed_cards, assign_gpu, lock_card, parse_nvidia_smi
+
+REPO = Path(__file__).resolve().parents[1]
+CARDS = ["GPU-00000000-aaaa", "GPU-11111111-bbbb", "GPU-22222222-cccc"]
+
+# A GPU job in miniature: take a card the way run_stage does, say which, hold it until told.
+HOLDER = """
+import logging, os, sys, time
+from turbowan.gpus import assign_gpu
+logging.basicConfig(level=logging.INFO)
+card = assign_gpu("holder")
+print(os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+go = sys.argv[1]
+while not os.path.exists(go):
+    time.sleep(0.05)
+"""
+
+
+def start_holder(tmp_path: Path, cards, lock_dir: Path, go: Path, wait_s: float = 30, **extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TURBOWAN_GPUS": ",".join(cards),
+           "TURBOWAN_GPU_LOCK_DIR": str(lock_dir), "TURBOWAN_GPU_WAIT_S": str(wait_s), **extra}
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(go)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_nvidia_smi_listing_is_parsed():
+    out = ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-3f2a9c1e-1111-2222-3333-444455556666)\n"
+           "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-0badcafe-1111-2222-3333-444455556666)\n"
+           "  MIG 1g.5gb     Device  0: (UUID: MIG-aaaaaaaa-1111-2222-3333-444455556666)\n")
+    assert parse_nvidia_smi(out) == [
+        Card(0, "GPU-3f2a9c1e-1111-2222-3333-444455556666", "NVIDIA H100 80GB HBM3"),
+        Card(1, "GPU-0badcafe-1111-2222-3333-444455556666", "NVIDIA A100-SXM4-40GB"),
+    ]
+
+
+def test_cuda_visible_devices_restricts_the_cards():
+    cards = [Card(i, uuid) for i, uuid in enumerate(CARDS)]
+    assert allowed_cards(cards, None) == cards
+    assert allowed_cards(cards, "2,0") == [cards[2], cards[0]]
+    assert allowed_cards(cards, "GPU-1111") == [cards[1]]  # a UUID prefix, as CUDA allows
+    assert allowed_cards(cards, "") == []
+    with pytest.raises(ValueError, match="'7' names no single card"):
+        allowed_cards(cards, "0,7")
+
+
+def test_concurrent_jobs_get_distinct_cards(tmp_path):
+    go = tmp_path / "go"
+    jobs = [start_holder(tmp_path, CARDS, tmp_path / "locks", go) for _ in CARDS]
+    try:
+        got = [job.stdout.readline().strip() for job in jobs]
+    finally:
+        go.touch()
+    for job in jobs:
+        assert job.wait(timeout=30) == 0, job.stderr.read()
+    assert sorted(got) == sorted(CARDS)
+
+
+def test_a_killed_holder_frees_its_card_for_a_waiting_job(tmp_path):
+    go = tmp_path / "go"
+    first = start_holder(tmp_path, CARDS[:1], tmp_path / "locks", go)
+    assert first.stdout.readline().strip() == CARDS[0]
+    second = start_holder(tmp_path, CARDS[:1], tmp_path / "locks", go)
+    time.sleep(3)
+    assert second.poll() is None  # still waiting for the only card
+    first.send_signal(signal.SIGKILL)  # no clean-up code runs: the kernel drops the lock
+    first.wait()
+    start = time.monotonic()
+    assert second.stdout.readline().strip() == CARDS[0]
+    assert time.monotonic() - start < 10
+    go.touch()
+    assert second.wait(timeout=30) == 0
+    err = second.stderr.read()
+    assert "all 1 cards are busy" in err and f"pid {first.pid}" in err  # the wait was logged
+
+
+def test_no_free_card_waits_then_fails_clearly(tmp_path):
+    go = tmp_path / "go"
+    holder = start_holder(tmp_path, CARDS[:2], tmp_path / "locks", go)
+    other = start_holder(tmp_path, CARDS[:2], tmp_path / "locks", go)
+    try:
+        assert {holder.stdout.readline().strip(), other.stdout.readline().strip()} == set(CARDS[:2])
+        start = time.monotonic()
+        with pytest.raises(NoFreeGpu) as err:
+            lock_card([Card(0, CARDS[0]), Card(1, CARDS[1])], str(tmp_path / "locks"), wait_s=1.5,
+                      poll_s=0.1)
+        assert time.monotonic() - start >= 1.5
+        message = str(err.value)
+        assert "no free GPU after waiting" in message and "all 2 cards are locked" in message
+        assert f"pid {holder.pid}" in message and f"pid {other.pid}" in message
+        assert "--resources gpu=N" in message
+    finally:
+        go.touch()
+        holder.wait(timeout=30)
+        other.wait(timeout=30)
+
+
+def test_slurm_assignment_is_used_as_is(tmp_path):
+    env = {"SLURM_JOB_ID": "42", "CUDA_VISIBLE_DEVICES": "1",
+           "TURBOWAN_GPUS": ",".join(CARDS), "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    card = assign_gpu("sample_high", env=env)
+    assert card.how == "slurm" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert not (tmp_path / "locks").exists()  # no lock taken
+    assert "assigned by SLURM job 42" in card.describe()
+
+
+def test_a_job_sees_one_card_by_uuid_so_its_device_is_cuda_0(tmp_path):
+    """Whatever card it gets, the job's only device is `cuda` (index 0): same code, same noise."""
+    env = {"TURBOWAN_GPUS": ",".join(CARDS), "CUDA_VISIBLE_DEVICES": "2",
+           "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    card = assign_gpu("sample_low", env=env)
+    try:
+        assert card.how == "locked" and card.card == Card(2, CARDS[2], "from TURBOWAN_GPUS")
+        assert env["CUDA_VISIBLE_DEVICES"] == CARDS[2]
+    finally:
+        card.release()
+    assert assign_gpu("x", device="cpu", env=dict(env)).how == "cpu"
+    assert assign_gpu("x", device="cuda:1", env=dict(env)).how == "pinned"
+    assert assign_gpu("x", env={"TURBOWAN_GPUS": ""}).how == "none"
+
+
+def test_run_stage_logs_the_card_it_took(tmp_path):
+    code = (
+        "import os\n"
+        "from turbowan.jobs import run_stage\n"
+        "def stage(device):\n"
+        "    print('stage sees', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
+        f"run_stage('sample_high', {str(tmp_path / 'job.log')!r}, stage, gpus=1, device='auto')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TURBOWAN_GPUS": ",".join(CARDS[1:]),
+           "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"stage sees {CARDS[1]}" in proc.stdout
+    log = (tmp_path / "job.log").read_text()
+    assert f"gpu: card 0 from TURBOWAN_GPUS uuid={CARDS[1]}, locked via {tmp_path / 'locks'}" in log
+    assert "device: cpu" in log  # CPU torch: the fake card is not a CUDA device
+    # the job has ended, so its card is free again at once
+    again = assign_gpu("again", env={"TURBOWAN_GPUS": CARDS[1], "TURBOWAN_GPU_WAIT_S": "0",
+                                     "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")})
+    assert again.how == "locked"
+    again.release()
