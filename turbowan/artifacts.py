@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -91,6 +92,26 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; it replaces `final` whole only if the block succeeds.
+
+    mode: the folder's permissions (default: what mkdir would give under the current umask).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode(directory=True) if mode is None else mode)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def data_digest(tensors: Mapping[str, torch.Tensor]) -> str:

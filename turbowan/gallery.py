@@ -16,13 +16,13 @@ import logging
 import mimetypes
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
+from .artifacts import atomic_dir
 from .image import ImageError, open_rgb
 from .summary import DONE, FAILED, STAGES, build_summary
 
@@ -228,9 +228,7 @@ def build_gallery(out_dir: str | Path, rows: Iterable[Any], info: BatchInfo) -> 
     rows = list(rows)
     results = Path(info.results)
     lines = build_summary(results, rows)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, mode=0o755) as tmp:
         media = Media(tmp, info.embed)
         refs = {row.id: _row_media(row, results, media) for row in rows}
         batch = results / "contact_sheet.png"
@@ -241,11 +239,4 @@ def build_gallery(out_dir: str | Path, rows: Iterable[Any], info: BatchInfo) -> 
             log.warning("%s is %.1f MB with its media embedded; Chromium refuses embedded pages above 2 MB "
                         "inside a .html report: set gallery.embed to false and use --report report.zip",
                         out_dir / INDEX, len(page) / 1e6)
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir / INDEX

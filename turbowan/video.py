@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .artifacts import atomic_path, default_mode
+from .artifacts import atomic_dir, atomic_path
 
 FRAMES_INFO = "frames.json"
 
@@ -25,10 +23,7 @@ class VideoError(RuntimeError):
 
 def save_frames(frames: torch.Tensor, folder: str | Path, record: dict) -> None:
     """Write frames uint8 [F, H, W, 3] as PNG files into `folder`, atomically (whole folder or nothing)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         array = frames.numpy()
 
         def write(i: int) -> None:
@@ -39,13 +34,6 @@ def save_frames(frames: torch.Tensor, folder: str | Path, record: dict) -> None:
             list(pool.map(write, range(len(array))))
         info = dict(record, count=int(array.shape[0]), height=int(array.shape[1]), width=int(array.shape[2]))
         (tmp / FRAMES_INFO).write_text(json.dumps(info, sort_keys=True))
-        os.chmod(tmp, default_mode(directory=True))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def load_frames(folder: str | Path) -> tuple[list[Path], dict]:
