@@ -112,6 +112,17 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
         )
 
 
+def _run_expert(
+    expert: str, name: str, state: SamplerState, t: torch.Tensor, stop: int, ode: bool,
+    text: str, text_emb: torch.Tensor, y: torch.Tensor, dtype: str, attn: dict, dev: torch.device,
+) -> SamplerState:
+    """Load one expert and run the steps state.next_step .. stop-1 with it."""
+    with phase("load expert"):
+        model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
+    _check_text_width(model, text_emb, text, expert)
+    return run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, stop, ode, name)
+
+
 def sample_high(
     text: str, cond: str, expert: str, out: str, sampling: Mapping[str, Any], video: Mapping[str, Any],
     device: str = "auto", dtype: str = "bfloat16", attention: str = "auto", sla_topk: float = 0.1,
@@ -125,10 +136,7 @@ def sample_high(
     n_high = num_high_steps(t, sampling["boundary"])
     state = initial_state(latent_shape(**video), sampling["seed"], t, dev)
     if n_high:
-        with phase("load expert"):
-            model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
-        _check_text_width(model, text_emb, text, expert)
-        state = run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, n_high, sampling["ode"], "high")
+        state = _run_expert(expert, "high", state, t, n_high, sampling["ode"], text, text_emb, y, dtype, attn, dev)
     with phase("save boundary"):
         save_artifact(
             out,
@@ -167,10 +175,9 @@ def sample_low(
     t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
     if state.next_step < sampling["num_steps"]:
         text_emb, y = _load_conditions(text, cond, video, dev)
-        with phase("load expert"):
-            model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
-        _check_text_width(model, text_emb, text, expert)
-        state = run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, sampling["num_steps"], sampling["ode"], "low")
+        state = _run_expert(
+            expert, "low", state, t, sampling["num_steps"], sampling["ode"], text, text_emb, y, dtype, attn, dev
+        )
     else:
         log.info("all %d steps ran on the high-noise expert; the low-noise expert is not loaded", sampling["num_steps"])
     save_artifact(
