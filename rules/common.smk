@@ -1,6 +1,5 @@
 # The sheet, paths and input functions shared by every rule.
 import os
-import re
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -90,13 +89,6 @@ def artifacts_and_products():
     return products.items()
 
 
-# A truncated or foreign artifact (a killed copy, a full disk, a hand edit) looks finished to
-# Snakemake, which only sees that the file exists: move it, and what was made from it, aside.
-if workflow.is_main_process:
-    for moved in sweep(artifacts_and_products()):
-        logger.warning(f"Broken artifact: {moved}")
-
-
 def all_videos():
     return expand(f"{RESULTS}/{{id}}/video.mp4", id=ROWS)
 
@@ -120,3 +112,11 @@ if MODEL_PLAN.problems:
     raise WorkflowError("model files (check the config's `models`):\n  " + "\n  ".join(MODEL_PLAN.problems))
 # role -> the file the stages read (the prepared safetensors for a .pth)
 MODEL_INPUTS = MODEL_PLAN.inputs
+
+
+# A truncated or foreign artifact (a killed copy, a full disk, a hand edit) looks finished to
+# Snakemake, which only sees that the file exists: move it, and what was made from it, aside.
+# Last, so a run stopped by a bad sheet, config or model file leaves results untouched.
+if workflow.is_main_process:
+    for moved in sweep(artifacts_and_products()):
+        logger.warning(f"Broken artifact: {moved}")
