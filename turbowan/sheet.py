@@ -198,9 +198,8 @@ def read_rows(
                 problem("image", f"{values['image']!r} does not exist (looked for {image_path})")
             else:
                 try:
-                    size = image_size(image_path)
-                    if decode_images:
-                        open_rgb(image_path)
+                    # the full decode (planning process) gives the size too; jobs read the header only
+                    size = open_rgb(image_path).size if decode_images else image_size(image_path)
                 except ImageError as err:
                     problem("image", str(err))
         elif "image" not in bad:
