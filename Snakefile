@@ -34,6 +34,7 @@ rule all:
 # A failed row keeps the gallery rule from running, so the handler builds the gallery itself.
 onsuccess:
     write_summary(RESULTS, ROWS.values())
+    clean_store()
 
 
 onerror:

@@ -1,15 +1,16 @@
-"""Benchmark: the stage-split pipeline vs an in-process reference loop, full-size models, one GPU.
+"""Benchmark: the Snakemake pipeline vs an in-process reference loop, full-size models.
 
 No real weights are needed for timing: `models` writes random-weight models of the real sizes
 (Wan2.2 A14B expert, Wan2.1 VAE, umT5-XXL) in the official layouts; the two experts are one file
-under two names. `pipeline` runs every stage job of an N-row sheet as its own Python process, in
-the order `snakemake --cores 1 --resources gpu=1` runs them (prompts, images, all high-noise
-steps first by priority, low-noise steps, decode, mp4), and reads each job's log for its time,
-model load time and peak memory. `reference` runs the same rows in one process with both experts
-loaded once and no artifacts: the fastest possible arrangement. `all` does the three in a row and
-prints one table.
+under two names. `pipeline` writes an N-row sheet and config and runs
+`snakemake --cores C --resources gpu=G` on it as a user would, then reads every job's log and
+Snakemake benchmark: wall time per stage, model load times, peak GPU memory and host RSS, and the
+card each GPU job ran on (with a check that no two jobs overlapped on one card). `reference` runs
+the same rows in one process with both experts loaded once and no artifacts: the fastest possible
+arrangement. `all` does both and prints their ratio.
 
     python bench/bench_pipeline.py all --workdir /tmp/bench --resolution 480p --rows 8
+    CUDA_VISIBLE_DEVICES=0 python bench/bench_pipeline.py pipeline --gpus 1 ...  # pin to one card
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from turbowan import stages  # noqa: E402
 from turbowan.sizes import PRESETS  # noqa: E402
 
 # Full-size configurations (REFERENCE.md sections 3 and 4).
@@ -139,67 +140,103 @@ def make_rows(folder: Path, n: int, resolution: str, frames: int, steps: int, ti
 
 # ---------------------------------------------------------------------------------------- pipeline
 
-def stage_jobs(rows: list[dict], models: dict, results: Path, attention: str) -> list[tuple[str, str, dict]]:
-    """(stage, key, kwargs) in the order Snakemake runs them on one GPU (priorities: high > low)."""
+GPU_STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode")
+STAGES = GPU_STAGES + ("encode_video",)
+DONE = re.compile(r"(\w+) done in ([\d.]+) s; peak host RSS ([\d.]+) GB(?:, peak GPU memory ([\d.]+) GB)?")
+LOADED = re.compile(r"loaded (expert|VAE|text encoder) .* in ([\d.]+) s")
+CARD = re.compile(r"device: cuda:\d+ (.*?) uuid=(\S+)")
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def write_batch(folder: Path, rows: list[dict], models: dict, batch_rows: int, attention: str) -> Path:
+    """The sheet and config a user would write for these rows; returns the config file."""
+    import csv
+
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "sheet.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "prompt", "seed", "num_frames", "width", "height", "num_steps"])
+        for r in rows:
+            writer.writerow([r["id"], r["image"], r["prompt"], r["sampling"]["seed"], r["video"]["num_frames"],
+                             r["video"]["width"], r["video"]["height"], r["sampling"]["num_steps"]])
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(sheet=str(folder / "sheet.csv"), results=str(folder / "results"), batch_rows=batch_rows,
+                  attention=attention, prepared_models=str(folder / "prepared"))
+    config["models"] = {k: models[k] for k in ("high", "low", "vae", "text_encoder", "tokenizer")}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder / "config.yaml"
+
+
+def _stamp(line: str) -> float | None:
+    import datetime
+
+    match = STAMP.match(line)
+    return datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() if match else None
+
+
+def read_jobs(results: Path) -> list[dict]:
+    """One record per job, from its log and Snakemake benchmark: stage, wall time, model loads,
+    peak memory, card, start and end."""
     jobs = []
-    text = {}
-    for row in rows:
-        key = f"p{len(text)}" if row["prompt"] not in text else None
-        if key:
-            text[row["prompt"]] = key
-            jobs.append(("encode_prompt", key, dict(prompt=row["prompt"], text_encoder=models["text_encoder"],
-                                                      tokenizer=models["tokenizer"],
-                                                      out=str(results / "prompts" / key / "text.safetensors"))))
-    folder = {r["id"]: results / r["id"] for r in rows}
-    for r in rows:
-        jobs.append(("encode_image", r["id"], dict(image=r["image"], vae=models["vae"],
-                                                     out=str(folder[r["id"]] / "cond.safetensors"), video=r["video"])))
-    for r in rows:
-        jobs.append(("sample_high", r["id"], dict(
-            text=str(results / "prompts" / text[r["prompt"]] / "text.safetensors"),
-            cond=str(folder[r["id"]] / "cond.safetensors"), expert=models["high"],
-            out=str(folder[r["id"]] / "boundary.safetensors"), sampling=r["sampling"], video=r["video"])))
-    for r in rows:
-        jobs.append(("sample_low", r["id"], dict(
-            text=str(results / "prompts" / text[r["prompt"]] / "text.safetensors"),
-            cond=str(folder[r["id"]] / "cond.safetensors"), boundary=str(folder[r["id"]] / "boundary.safetensors"),
-            expert=models["low"], out=str(folder[r["id"]] / "latent.safetensors"),
-            sampling=r["sampling"], video=r["video"], attention=attention)))
-    for r in rows:
-        jobs.append(("decode", r["id"], dict(latent=str(folder[r["id"]] / "latent.safetensors"), vae=models["vae"],
-                                              out_dir=str(folder[r["id"]] / "frames"), video=r["video"])))
-        jobs.append(("encode_video", r["id"], dict(frames_dir=str(folder[r["id"]] / "frames"),
-                                                    out=str(folder[r["id"]] / "video.mp4"), video=r["video"],
-                                                    fps=16, quality=8)))
+    for stage in STAGES:
+        for bench in sorted((results / "benchmarks" / stage).glob("*.tsv")):
+            log = results / "logs" / stage / (bench.stem + ".log")
+            lines = log.read_text().splitlines()
+            done = next((m for line in lines if (m := DONE.search(line)) and m[1] == stage), None)
+            card = next((m for line in lines if (m := CARD.search(line))), None)
+            stamps = [t for line in lines if (t := _stamp(line))]
+            with open(bench) as f:
+                header, values = f.readline().split("\t"), f.readline().split("\t")
+            wall = float(dict(zip(header, values))["s"])
+            jobs.append(dict(stage=stage, group=bench.stem, wall=wall,
+                             rows=sum("): " + stage in line and "row " in line for line in lines) or 1,
+                             load=sum(float(m[2]) for line in lines if (m := LOADED.search(line))),
+                             rss=float(done[3]) if done else float("nan"),
+                             gpu=float(done[4] or 0) if done else float("nan"),
+                             card=(card[2] if card else ""), start=min(stamps), end=max(stamps)))
     return jobs
 
 
-DONE = re.compile(r"done in ([\d.]+) s; peak host RSS ([\d.]+) GB(?:, peak GPU memory ([\d.]+) GB)?")
-LOADED = re.compile(r"loaded (expert|VAE|text encoder) .* in ([\d.]+) s")
+def check_cards(jobs: list[dict]) -> str:
+    """Which cards the GPU jobs ran on, and whether two ever overlapped on one card."""
+    gpu_jobs = [j for j in jobs if j["stage"] in GPU_STAGES]
+    cards = sorted({j["card"] for j in gpu_jobs})
+    clashes = [(a["group"], b["group"]) for i, a in enumerate(gpu_jobs) for b in gpu_jobs[i + 1:]
+               if a["card"] == b["card"] and a["start"] < b["end"] and b["start"] < a["end"]]
+    side_by_side = sum(1 for i, a in enumerate(gpu_jobs) for b in gpu_jobs[i + 1:]
+                       if a["card"] != b["card"] and a["start"] < b["end"] and b["start"] < a["end"])
+    return (f"GPU jobs: {len(gpu_jobs)} on {len(cards)} card(s) {cards}; pairs running at once on different "
+            f"cards: {side_by_side}; on one card: {len(clashes)} {clashes[:3]}")
 
 
-def run_pipeline(rows, models, results: Path, attention: str) -> list[dict]:
-    """Each stage job in its own process, as Snakemake would start it; returns one record per job."""
-    records = []
-    for stage, key, kwargs in stage_jobs(rows, models, results, attention):
-        log = results / "logs" / stage / f"{key}.log"
-        code = ("import json,sys; from turbowan.jobs import run_stage; from turbowan import stages; "
-                f"run_stage({stage!r}, {str(log)!r}, getattr(stages, {stage!r}), **json.loads(sys.argv[1]))")
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])})
-        wall = time.perf_counter() - started
-        if proc.returncode:
-            raise SystemExit(f"{stage} {key} failed:\n{proc.stderr[-3000:]}")
-        text = log.read_text()
-        done = DONE.search(text)
-        loads = [float(m[2]) for m in LOADED.finditer(text)]
-        records.append(dict(stage=stage, key=key, wall=wall, work=float(done[1]), rss=float(done[2]),
-                            gpu=float(done[3] or 0), load=sum(loads)))
-        print(f"  {stage:13s} {key:6s} wall {wall:6.1f} s  stage {float(done[1]):6.1f} s  "
-              f"load {sum(loads):5.1f} s  GPU {float(done[3] or 0):5.1f} GB  RSS {float(done[2]):5.1f} GB", flush=True)
-    return records
+def run_pipeline(rows, models, folder: Path, gpus: int, batch_rows: int, attention: str) -> tuple[float, list]:
+    """`snakemake --cores N --resources gpu=G` on the rows' sheet, as a user runs it."""
+    config = write_batch(folder, rows, models, batch_rows, attention)
+    cmd = ["snakemake", *(str(folder / "results" / r["id"] / "video.mp4") for r in rows),  # videos, not the report
+           "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile", str(config),
+           "--cores", str(4 * gpus + 4), "--resources", f"gpu={gpus}", "--scheduler", "greedy", "--quiet", "rules"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    wall = time.perf_counter() - started
+    (folder / "snakemake.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"snakemake failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return wall, read_jobs(folder / "results")
+
+
+def stage_table(jobs: list[dict], n: int) -> str:
+    lines = ["| stage | jobs | job wall s (sum) | s/video | model load s (sum) | peak GPU GB | peak RSS GB |",
+             "|---|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        mine = [j for j in jobs if j["stage"] == stage]
+        if mine:
+            wall = sum(j["wall"] for j in mine)
+            lines.append(f"| {stage} | {len(mine)} | {wall:.1f} | {wall / n:.1f} | {sum(j['load'] for j in mine):.1f} | "
+                         f"{max(j['gpu'] for j in mine):.1f} | {max(j['rss'] for j in mine):.1f} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- reference
@@ -256,40 +293,35 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--gpus", type=int, default=1, help="the pipeline's --resources gpu=N")
+    parser.add_argument("--batch-rows", type=int, default=4)
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--tag", default="", help="name of this run's folder (default: resolution, rows, time)")
     parser.add_argument("--tiny", action="store_true", help="demo-size models on any device: checks the script")
     args = parser.parse_args()
 
     models = make_tiny_models(args.workdir / "tiny-models") if args.tiny else make_models(args.workdir / "models")
     if args.what == "models":
         return
-    run_dir = args.workdir / f"{args.resolution}-{args.rows}rows-{int(time.time())}"
+    run_dir = args.workdir / (args.tag or f"{args.resolution}-{args.rows}rows-{int(time.time())}")
     rows = make_rows(run_dir, args.rows, args.resolution, args.frames, args.steps, args.tiny)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"card: {card}; torch {torch.__version__}; {args.rows} rows at "
-          f"{args.resolution}, {args.frames} frames, {args.steps} steps", flush=True)
-    summary = {}
+    print(f"card: {card} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}); torch "
+          f"{torch.__version__}; {args.rows} rows at {args.resolution}, {args.frames} frames, {args.steps} steps",
+          flush=True)
+    n, summary = args.rows, {}
     if args.what in ("pipeline", "all"):
-        started = time.perf_counter()
-        records = run_pipeline(rows, models, run_dir / "pipeline", args.attention)
-        summary["pipeline_s"] = time.perf_counter() - started
-        for stage in ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode", "encode_video"):
-            mine = [r for r in records if r["stage"] == stage]
-            if mine:
-                summary[stage] = dict(
-                    jobs=len(mine), wall_s=sum(r["wall"] for r in mine), load_s=sum(r["load"] for r in mine),
-                    peak_gpu_gb=max(r["gpu"] for r in mine), peak_rss_gb=max(r["rss"] for r in mine))
+        wall, jobs = run_pipeline(rows, models, run_dir / "pipeline", args.gpus, args.batch_rows, args.attention)
+        summary.update(pipeline_s=wall, jobs=jobs)
+        print(f"pipeline (--resources gpu={args.gpus}, batch_rows {args.batch_rows}): {wall:.1f} s, "
+              f"{wall / n:.1f} s per video")
+        print(stage_table(jobs, n))
+        print(check_cards(jobs))
+        for j in jobs:
+            print(f"  {j['stage']:13s} {j['group']:14s} rows {j['rows']} wall {j['wall']:6.1f} s load {j['load']:5.1f} s "
+                  f"GPU {j['gpu']:5.1f} GB RSS {j['rss']:5.1f} GB card {j['card'][-8:]}")
     if args.what in ("reference", "all"):
         summary["reference_s"] = run_reference(rows, models, run_dir / "reference", args.attention)
-    n = args.rows
-    print("\n| stage | jobs | wall s | s/video | model load s | peak GPU GB | peak RSS GB |\n|---|---|---|---|---|---|---|")
-    for stage, s in summary.items():
-        if isinstance(s, dict):
-            print(f"| {stage} | {s['jobs']} | {s['wall_s']:.1f} | {s['wall_s'] / n:.1f} | {s['load_s']:.1f} | "
-                  f"{s['peak_gpu_gb']:.1f} | {s['peak_rss_gb']:.1f} |")
-    if "pipeline_s" in summary:
-        print(f"\npipeline: {summary['pipeline_s']:.1f} s, {summary['pipeline_s'] / n:.1f} s per video")
-    if "reference_s" in summary:
         print(f"reference loop: {summary['reference_s']:.1f} s, {summary['reference_s'] / n:.1f} s per video")
     if "pipeline_s" in summary and "reference_s" in summary:
         print(f"ratio pipeline / reference: {summary['pipeline_s'] / summary['reference_s']:.2f}")

@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Set up the GPU machine for a run: the carried wheels (diffusers, ftfy, ...), the ffmpeg binary,
-# and optionally turbodiffusion built from its sdist. Source it: `source bench/gpu_setup.sh [--turbo]`.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
+# Set up the GPU machine for a run: the carried wheels (diffusers, ftfy, ...), Snakemake with its
+# dependencies, the ffmpeg binary, and optionally turbodiffusion built from its sdist.
+# Source it: `source bench/gpu_setup.sh [--turbo]`.
+# Snakemake's wheels travel as .whl/snakemake-kit.tar.xz: wheels stored uncompressed in one xz
+# tarball, a third smaller than the wheels as PyPI ships them. They go in with the others, in one
+# pip call (a second `--target --upgrade` call would replace /tmp/site/bin).
+SMK_KIT=
+if [ -f .whl/snakemake-kit.tar.xz ]; then
+  rm -rf /tmp/smk-wheels && mkdir -p /tmp/smk-wheels || return 1
+  xz -dc .whl/snakemake-kit.tar.xz | tar -xf - -C /tmp/smk-wheels || return 1
+  SMK_KIT=/tmp/smk-wheels/*.whl
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $SMK_KIT || return 1
 cp -r .whl/pylib/* /tmp/site/
 # bytecode once: without it every job process recompiles diffusers (seconds per job)
 python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
+# the `snakemake` console script (pip --target puts it in /tmp/site/bin)
+case ":$PATH:" in *:/tmp/site/bin:*) ;; *) export PATH=/tmp/site/bin:$PATH ;; esac
 if [ ! -x /tmp/ffmpeg ]; then xz -dc .whl/ffmpeg.xz > /tmp/ffmpeg && chmod +x /tmp/ffmpeg; fi
 export IMAGEIO_FFMPEG_EXE=/tmp/ffmpeg
 if [ "${1:-}" = "--turbo" ]; then

@@ -10,6 +10,7 @@ from snakemake.logging import logger
 sys.path.insert(0, workflow.basedir)
 
 from turbowan.artifacts import sweep  # noqa: E402
+from turbowan.batch import collect_garbage  # noqa: E402
 from turbowan.formats import CheckpointError  # noqa: E402
 from turbowan.modelfiles import plan_models  # noqa: E402
 from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows  # noqa: E402
@@ -56,21 +57,78 @@ def frugal_level(wildcards, attempt):
     return attempt - 1
 
 
-def text_for_row(wildcards):
-    return f"{RESULTS}/prompts/{ROWS[wildcards.id].prompt_key}/text.safetensors"
+def text_path(prompt_key):
+    return f"{RESULTS}/prompts/{prompt_key}/text.safetensors"
+
+
+def row_path(row_id, name):
+    return f"{RESULTS}/{row_id}/{name}"
+
+
+def text_for_row(row_id):
+    return text_path(ROWS[row_id].prompt_key)
 
 
 def video_params(wildcards):
     return ROWS[wildcards.id].video()
 
 
-def sampling_params(wildcards):
-    return ROWS[wildcards.id].sampling()
+# Groups: each GPU stage runs as one job per group of up to `batch_rows` consecutive rows (unique
+# prompts for encode_prompt), which loads its model once. A group is named by its first and last
+# key ("r1~r4"; a group of one by its key), and so are its rule (`sample_high_r1~r4`) and log.
+# Each row's result goes through a store under <results>/.store (turbowan.batch), so a rerun of a
+# group computes only the rows that changed or never finished.
+BATCH_ROWS = config["batch_rows"]
+STORE = f"{RESULTS}/.store"
 
 
-def frames_output():
+def clean_store():
+    """After a run that succeeded: drop store entries no output uses (see turbowan.batch)."""
+    removed, freed = collect_garbage(STORE)
+    if removed:
+        logger.info(f"Store: removed {removed} entries no output uses ({freed / 1e6:.0f} MB)")
+
+
+def groups_of(keys, size):
+    """{group name: [keys]}: consecutive keys, `size` at a time."""
+    keys = list(keys)
+    chunks = [keys[i : i + size] for i in range(0, len(keys), size)]
+    return {(c[0] if len(c) == 1 else f"{c[0]}~{c[-1]}"): c for c in chunks}
+
+
+ROW_GROUPS = groups_of(ROWS, BATCH_ROWS)
+PROMPT_GROUPS = groups_of(PROMPTS, BATCH_ROWS)
+
+# What a GPU job of each stage asks a cluster for (a local run looks only at `gpu`): host memory in
+# MB, and run time in minutes for starting (imports, model load) plus each row of its group. Both
+# grow with the attempt (a retry). Estimates for 720p; the config's `job_resources` overrides them.
+JOB_RESOURCES = {
+    "encode_prompt": {"mem_mb": 16000, "start_min": 10, "per_row_min": 1},
+    "encode_image": {"mem_mb": 8000, "start_min": 5, "per_row_min": 1},
+    "sample_high": {"mem_mb": 16000, "start_min": 10, "per_row_min": 5},
+    "sample_low": {"mem_mb": 16000, "start_min": 10, "per_row_min": 5},
+    "decode": {"mem_mb": 12000, "start_min": 5, "per_row_min": 2},
+}
+
+
+def group_resources(stage, rows):
+    """The `resources:` of one group job of `stage` serving `rows` rows."""
+    spec = {**JOB_RESOURCES[stage], **config["job_resources"].get(stage, {})}
+    return {
+        "gpu": 1,
+        "mem_mb": lambda wildcards, attempt: spec["mem_mb"] * attempt,
+        "runtime": lambda wildcards, attempt: (spec["start_min"] + spec["per_row_min"] * rows) * attempt,
+        "frugal": frugal_level,
+    }
+
+
+def group_log(stage, group):
+    return log_path(stage, group)
+
+
+def frames_output(row_id):
     """Decoded frames are temporary unless the config keeps them."""
-    frames = directory(row_dir("frames"))
+    frames = directory(row_path(row_id, "frames"))
     return frames if config["keep_frames"] else temp(frames)
 
 
@@ -86,6 +144,7 @@ def artifacts_and_products():
         products[f"{folder}/cond.safetensors"] = [boundary, latent, *after_latent]
         products[boundary] = [latent, *after_latent]
         products[latent] = after_latent
+        products[f"{folder}/frames"] = [f"{folder}/video.mp4"]  # (a failed row's frames: a failure record)
     return products.items()
 
 

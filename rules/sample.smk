@@ -1,57 +1,81 @@
-# Sampling, one expert per job: the high-noise steps, then the low-noise steps.
-# sample_high outranks sample_low so that one GPU runs the high steps of every row first.
+# Sampling, one expert per job: the high-noise steps, then the low-noise steps, one job per group
+# of rows (common.smk, "Groups"). sample_high outranks sample_low so that one GPU runs every
+# group's high steps first.
 
 
-rule sample_high:
-    input:
-        text=text_for_row,
-        cond=row_dir("cond.safetensors"),
-        expert=MODEL_INPUTS["high"],
-    output:
-        row_dir("boundary.safetensors"),
-    params:
-        sampling=sampling_params,
-        video=video_params,
-        device=config["device"],
-        dtype=config["dtype"],
-        attention=config["attention"],
-        sla_topk=config["sla_topk"],
-    log:
-        log_path("sample_high"),
-    benchmark:
-        benchmark_path("sample_high")
-    priority: 10
-    resources:
-        gpu=1,
-    conda:
-        "../envs/turbowan.yaml"
-    script:
-        "../scripts/sample_high.py"
+def sampling_rows(ids, **inputs):
+    """A group's rows as the sampling stages take them: paths by name, the row's values, the output."""
+    return [
+        {
+            "key": i,
+            "text": text_for_row(i),
+            "cond": row_path(i, "cond.safetensors"),
+            **{name: row_path(i, f"{name}.safetensors") for name in inputs.get("also", ())},
+            "sampling": ROWS[i].sampling(),
+            "video": ROWS[i].video(),
+            "out": row_path(i, inputs["out"]),
+        }
+        for i in ids
+    ]
 
 
-rule sample_low:
-    input:
-        text=text_for_row,
-        cond=row_dir("cond.safetensors"),
-        boundary=row_dir("boundary.safetensors"),
-        expert=MODEL_INPUTS["low"],
-    output:
-        row_dir("latent.safetensors"),
-    params:
-        sampling=sampling_params,
-        video=video_params,
-        device=config["device"],
-        dtype=config["dtype"],
-        attention=config["attention"],
-        sla_topk=config["sla_topk"],
-    log:
-        log_path("sample_low"),
-    benchmark:
-        benchmark_path("sample_low")
-    priority: 5
-    resources:
-        gpu=1,
-    conda:
-        "../envs/turbowan.yaml"
-    script:
-        "../scripts/sample_low.py"
+for group, ids in ROW_GROUPS.items():
+
+    rule:
+        name:
+            f"sample_high_{group}"
+        input:
+            text=[text_for_row(i) for i in ids],
+            cond=[row_path(i, "cond.safetensors") for i in ids],
+            expert=MODEL_INPUTS["high"],
+        output:
+            [row_path(i, "boundary.safetensors") for i in ids],
+        params:
+            rows=sampling_rows(ids, out="boundary.safetensors"),
+            device=config["device"],
+            dtype=config["dtype"],
+            attention=config["attention"],
+            sla_topk=config["sla_topk"],
+            store=STORE,
+            log_dir=f"{RESULTS}/logs/sample_high",
+        log:
+            group_log("sample_high", group),
+        benchmark:
+            benchmark_path("sample_high", group)
+        priority: 10
+        resources:
+            **group_resources("sample_high", len(ids)),
+        conda:
+            "../envs/turbowan.yaml"
+        script:
+            "../scripts/sample_high.py"
+
+    rule:
+        name:
+            f"sample_low_{group}"
+        input:
+            text=[text_for_row(i) for i in ids],
+            cond=[row_path(i, "cond.safetensors") for i in ids],
+            boundary=[row_path(i, "boundary.safetensors") for i in ids],
+            expert=MODEL_INPUTS["low"],
+        output:
+            [row_path(i, "latent.safetensors") for i in ids],
+        params:
+            rows=sampling_rows(ids, also=("boundary",), out="latent.safetensors"),
+            device=config["device"],
+            dtype=config["dtype"],
+            attention=config["attention"],
+            sla_topk=config["sla_topk"],
+            store=STORE,
+            log_dir=f"{RESULTS}/logs/sample_low",
+        log:
+            group_log("sample_low", group),
+        benchmark:
+            benchmark_path("sample_low", group)
+        priority: 5
+        resources:
+            **group_resources("sample_low", len(ids)),
+        conda:
+            "../envs/turbowan.yaml"
+        script:
+            "../scripts/sample_low.py"

@@ -1,28 +1,38 @@
-# From the final latent to the mp4: VAE decode to lossless frames, then H.264.
+# From the final latent to the mp4: VAE decode to lossless frames (one job per group of rows),
+# then H.264 (one CPU job per row).
 
 
-rule decode:
-    input:
-        latent=row_dir("latent.safetensors"),
-        vae=MODEL_INPUTS["vae"],
-    output:
-        frames=frames_output(),
-    params:
-        video=video_params,
-        device=config["device"],
-        vae_dtype=config["vae_dtype"],
-    log:
-        log_path("decode"),
-    benchmark:
-        benchmark_path("decode")
-    retries: 1
-    resources:
-        gpu=1,
-        frugal=frugal_level,
-    conda:
-        "../envs/turbowan.yaml"
-    script:
-        "../scripts/decode.py"
+for group, ids in ROW_GROUPS.items():
+
+    rule:
+        name:
+            f"decode_{group}"
+        input:
+            latents=[row_path(i, "latent.safetensors") for i in ids],
+            vae=MODEL_INPUTS["vae"],
+        output:
+            [frames_output(i) for i in ids],
+        params:
+            rows=[
+                {"key": i, "latent": row_path(i, "latent.safetensors"), "video": ROWS[i].video(),
+                 "out": row_path(i, "frames")}
+                for i in ids
+            ],
+            device=config["device"],
+            vae_dtype=config["vae_dtype"],
+            store=STORE,
+            log_dir=f"{RESULTS}/logs/decode",
+        log:
+            group_log("decode", group),
+        benchmark:
+            benchmark_path("decode", group)
+        retries: 1
+        resources:
+            **group_resources("decode", len(ids)),
+        conda:
+            "../envs/turbowan.yaml"
+        script:
+            "../scripts/decode.py"
 
 
 rule encode_video:
@@ -34,6 +44,7 @@ rule encode_video:
         video=video_params,
         fps=config["video"]["fps"],
         quality=config["video"]["quality"],
+        store=STORE,
     log:
         log_path("encode_video"),
     benchmark:

@@ -1,14 +1,15 @@
 from turbowan.jobs import run_stage
-from turbowan.stages import decode
+from turbowan.stages import decode_latents
 
 run_stage(
-    "decode", snakemake.log[0], decode,
+    "decode", snakemake.log[0], decode_latents,
     gpus=snakemake.resources.get("gpu", 0),
-    latent=snakemake.input.latent,
+    rows=snakemake.params.rows,
     vae=snakemake.input.vae,
-    out_dir=snakemake.output.frames,
-    video=snakemake.params.video,
     device=snakemake.params.device,
     vae_dtype=snakemake.params.vae_dtype,
     frugal=snakemake.resources.frugal,
+    store=snakemake.params.store,
+    log_dir=snakemake.params.log_dir,
+    job_log=snakemake.log[0],
 )

@@ -1,14 +1,15 @@
 from turbowan.jobs import run_stage
-from turbowan.stages import encode_image
+from turbowan.stages import encode_images
 
 run_stage(
-    "encode_image", snakemake.log[0], encode_image,
+    "encode_image", snakemake.log[0], encode_images,
     gpus=snakemake.resources.get("gpu", 0),
-    image=snakemake.input.image,
+    rows=snakemake.params.rows,
     vae=snakemake.input.vae,
-    out=snakemake.output[0],
-    video=snakemake.params.video,
     device=snakemake.params.device,
     vae_dtype=snakemake.params.vae_dtype,
     frugal=snakemake.resources.frugal,
+    store=snakemake.params.store,
+    log_dir=snakemake.params.log_dir,
+    job_log=snakemake.log[0],
 )

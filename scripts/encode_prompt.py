@@ -1,13 +1,15 @@
 from turbowan.jobs import run_stage
-from turbowan.stages import encode_prompt
+from turbowan.stages import encode_prompts
 
 run_stage(
-    "encode_prompt", snakemake.log[0], encode_prompt,
+    "encode_prompt", snakemake.log[0], encode_prompts,
     gpus=snakemake.resources.get("gpu", 0),
-    prompt=snakemake.params.prompt,
+    rows=snakemake.params.rows,
     text_encoder=snakemake.input.text_encoder,
     tokenizer=snakemake.input.tokenizer,
-    out=snakemake.output[0],
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
+    store=snakemake.params.store,
+    log_dir=snakemake.params.log_dir,
+    job_log=snakemake.log[0],
 )

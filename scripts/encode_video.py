@@ -8,4 +8,6 @@ run_stage(
     video=snakemake.params.video,
     fps=snakemake.params.fps,
     quality=snakemake.params.quality,
+    key=snakemake.wildcards.id,
+    store=snakemake.params.store,
 )

@@ -121,9 +121,13 @@ def snakemake(folder: Path, *args, check=True, extra_env=None):
     return run_snakemake(folder, "--configfile", str(folder / "config.yaml"), *args, check=check, extra_env=extra_env)
 
 
-def mtimes(folder: Path) -> dict[str, int]:
-    """mtime of every stage artifact and video (not the pictures, summary and gallery made from them)."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns
+def file_ids(folder: Path) -> dict[str, int]:
+    """Which file every stage artifact and video is (its inode; not the pictures, summary and gallery).
+
+    A remade artifact is a new file. One that a rerun group job linked again from the store is the
+    same file, though its mtime changed (Snakemake touches every output of a job that ran).
+    """
+    return {str(p.relative_to(folder)): p.stat().st_ino
             for p in (folder / "results").rglob("*") if p.is_file() and "logs" not in p.parts
             and "benchmarks" not in p.parts and "gallery" not in p.parts and p.suffix in (".safetensors", ".mp4")}
 
@@ -139,5 +143,5 @@ def finished(tmp_path_factory):
 @pytest.fixture
 def batch(finished, tmp_path):
     copy = tmp_path / "batch"
-    shutil.copytree(finished, copy, symlinks=True)
+    subprocess.run(["cp", "-a", str(finished), str(copy)], check=True)  # -a: artifacts stay the store's files
     return copy

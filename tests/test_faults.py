@@ -13,10 +13,10 @@ import yaml
 from snakemake.utils import validate
 
 from turbowan import stages
-from turbowan.artifacts import load_artifact
+from turbowan.artifacts import failure_record, load_artifact
 from turbowan.sheet import SheetError, check_defaults
 
-from .conftest import BIN, REPO, make_workdir, mtimes, snakemake, write_image
+from .conftest import BIN, REPO, make_workdir, file_ids, snakemake, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -29,35 +29,29 @@ THREE_ROWS = (
 
 
 def finished_files(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """mtime and bytes of every finished artifact and video."""
+    """Which file (inode) and what bytes every finished artifact and video is."""
     return {
-        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        str(p.relative_to(folder)): (p.stat().st_ino, p.read_bytes())
         for p in (folder / "results").rglob("*")
         if p.is_file() and p.suffix in (".safetensors", ".mp4")
     }
 
 
-def test_sigkill_during_sampling_then_resume(tmp_path):
-    folder = make_workdir(tmp_path, THREE_ROWS)
+def test_sigkill_inside_a_group_loses_only_the_row_in_flight(tmp_path):
+    folder = make_workdir(tmp_path, THREE_ROWS)  # batch_rows 4: one job per stage serves r1, r2, r3
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(folder), "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--cores", "1",
            "--resources", "gpu=1", "--configfile", str(folder / "config.yaml")]
-    # its own process group: killing it kills Snakemake and its running job, like a dead node
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    seen_low = 0
-    deadline = time.monotonic() + 600
-    for line in proc.stderr:
-        if "rule sample_low:" in line:
-            seen_low += 1
-            if seen_low == 2:  # one row's low stage has finished, the next one just started
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        assert time.monotonic() < deadline
-    proc.wait()
+    # r1's low steps are done and linked, r2's have just started: the job kills its process group
+    # (Snakemake's too, like a node that died)
+    env["TURBOWAN_INJECT_FAULT"] = "sample_low:r2:kill"
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                          start_new_session=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
+    group_log = folder / "results" / "logs" / "sample_low" / "r1~r3.log"
+    assert "row r2 (2/3): sample_low" in group_log.read_text()
     before = finished_files(folder)
-    assert any(k.endswith("latent.safetensors") for k in before)
+    assert "results/r1/latent.safetensors" in before
     from turbowan.artifacts import quick_check
 
     assert all(quick_check(folder / name) is None for name in before if name.endswith(".safetensors"))
@@ -66,25 +60,31 @@ def test_sigkill_during_sampling_then_resume(tmp_path):
     snakemake(folder, "--unlock")
     snakemake(folder, "--rerun-incomplete")
     after = finished_files(folder)
-    for name, (mtime, data) in before.items():
-        assert after[name] == (mtime, data), f"{name} was recomputed or changed"
+    for name, (inode, data) in before.items():
+        assert after[name] == (inode, data), f"{name} was recomputed or changed"
+    resumed = group_log.read_text()
+    assert "row r1 (1/3): sample_low reused from the store" in resumed and "row r2: sample_low done" in resumed
     for row in ("r1", "r2", "r3"):
         assert (folder / "results" / row / "video.mp4").is_file()
 
 
 def test_truncated_boundary_is_detected_and_only_its_row_recomputed(batch):
     folder = batch  # the session's finished 2-row batch, copied
-    before = mtimes(folder)
+    before = file_ids(folder)
     boundary = folder / "results" / "face" / "boundary.safetensors"
-    data = boundary.read_bytes()
-    boundary.write_bytes(data[: len(data) - 100])
-    os.utime(boundary, ns=(before["results/face/boundary.safetensors"],) * 2)  # same mtime: Snakemake can't tell
+    data, mtime = boundary.read_bytes(), boundary.stat().st_mtime_ns
+    boundary.write_bytes(data[: len(data) - 100])  # (the store's copy too: it is the same file)
+    os.utime(boundary, ns=(mtime, mtime))  # same mtime: Snakemake can't tell
     out = snakemake(folder)
     assert "face/boundary.safetensors is" in out.stderr and "will remake it" in out.stderr
-    after = mtimes(folder)
+    after = file_ids(folder)
     changed = {k for k in before if after.get(k) != before[k]}
-    assert changed == {"results/face/boundary.safetensors", "results/face/latent.safetensors",
-                       "results/face/video.mp4"}
+    # remade (the store's copy was the same broken file), to the same bytes: the later stages of the
+    # row find their results in the store, under keys that hash the boundary's contents
+    assert changed == {"results/face/boundary.safetensors"}
+    assert (folder / "results" / "face" / "boundary.safetensors").read_bytes() == data
+    assert "sample_high_boat~face" in out.stdout + out.stderr and "sample_low_boat~face" in out.stdout + out.stderr
+    assert "computing it again" in (folder / "results" / "logs" / "sample_high" / "face.log").read_text()
     assert (folder / "results" / "face" / "boundary.safetensors.broken").is_file()
 
 
@@ -99,26 +99,44 @@ def test_corrupt_bytes_inside_an_artifact_are_caught_by_its_reader(tmp_path, dem
     assert not text.exists() and (tmp_path / "text.safetensors.broken").exists()
 
 
-def test_one_failing_row_does_not_stop_the_others(tmp_path):
-    folder = make_workdir(tmp_path, THREE_ROWS)
+def test_one_failing_row_does_not_stop_the_rest_of_its_group(tmp_path):
+    folder = make_workdir(tmp_path, THREE_ROWS)  # one group of three
     env_fault = {"TURBOWAN_INJECT_FAULT": "sample_low:r2"}
     out = snakemake(folder, "--keep-going", check=False, extra_env=env_fault)
     assert out.returncode != 0
-    assert "fault injected" in (folder / "results" / "logs" / "sample_low" / "r2.log").read_text()
-    assert (folder / "results" / "r1" / "video.mp4").is_file() and (folder / "results" / "r3" / "video.mp4").is_file()
-    assert not (folder / "results" / "r2" / "latent.safetensors").exists()
+    results = folder / "results"
+    assert "fault injected" in (results / "logs" / "sample_low" / "r2.log").read_text()
+    assert (results / "r1" / "video.mp4").is_file() and (results / "r3" / "video.mp4").is_file()
+    record = failure_record(results / "r2" / "latent.safetensors")  # what the group left for r2
+    assert record["failed_stage"] == "sample_low" and "fault injected" in record["error"]
+    assert not (results / "r2" / "video.mp4").exists()
+    assert "row r2 failed in sample_low" in (results / "logs" / "encode_video" / "r2.log").read_text()
     import csv
 
-    with open(folder / "results" / "summary.csv", newline="", encoding="utf-8") as f:
+    with open(results / "summary.csv", newline="", encoding="utf-8") as f:
         summary = {line["id"]: line for line in csv.DictReader(f)}
     assert summary["r2"]["state"] == "failed" and summary["r2"]["failed_stage"] == "sample_low"
     assert "fault injected" in summary["r2"]["error"]
     assert summary["r1"]["state"] == summary["r3"]["state"] == "done"
-    before = mtimes(folder)
-    snakemake(folder)  # the fault is gone: only r2's remaining stages run
-    after = mtimes(folder)
-    assert {k for k in before if after[k] != before[k]} == set()
-    assert set(after) - set(before) == {"results/r2/latent.safetensors", "results/r2/video.mp4"}
+    before = file_ids(folder)
+    out = snakemake(folder)  # the fault is gone: the record is removed and only r2 is computed
+    assert "r2/latent.safetensors records that row r2 failed in sample_low" in out.stderr
+    after = file_ids(folder)
+    assert {k for k in before if after[k] != before[k]} == {"results/r2/latent.safetensors"}
+    assert set(after) - set(before) == {"results/r2/video.mp4"}
+    assert failure_record(results / "r2" / "latent.safetensors") is None
+
+
+def test_with_one_row_per_group_a_failing_row_fails_its_job(tmp_path):
+    folder = make_workdir(tmp_path, THREE_ROWS)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["batch_rows"] = 1
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(folder, "--keep-going", check=False, extra_env={"TURBOWAN_INJECT_FAULT": "sample_low:r2"})
+    assert out.returncode != 0 and "Error in rule sample_low_r2" in out.stdout + out.stderr
+    results = folder / "results"
+    assert not (results / "r2" / "latent.safetensors").exists()  # a plain failed job: no output at all
+    assert (results / "r1" / "video.mp4").is_file() and (results / "r3" / "video.mp4").is_file()
 
 
 def test_disk_full_while_writing_leaves_nothing_and_rerun_completes(tmp_path, demo_models, monkeypatch):

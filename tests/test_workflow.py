@@ -1,11 +1,13 @@
 """End to end: Snakemake on a small sheet in a temporary folder, with the demo's tiny models."""
 
+import re
+
 import pytest
 import yaml
 
 from turbowan.video import probe
 
-from .conftest import SHEET, make_workdir, mtimes, snakemake
+from .conftest import SHEET, make_workdir, file_ids, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -19,22 +21,30 @@ def test_every_row_gets_its_video(finished):
             assert (results / row / f"{name}.safetensors").is_file()
         assert not (results / row / "frames").exists()  # temporary by default
         for rule in ("encode_image", "sample_high", "sample_low", "decode", "encode_video"):
-            assert (results / "logs" / rule / f"{row}.log").stat().st_size > 0
-            assert (results / "benchmarks" / rule / f"{row}.tsv").is_file()
+            assert (results / "logs" / rule / f"{row}.log").stat().st_size > 0  # each row's own log
+    # one job per stage served both rows (batch_rows 4): its log and benchmark are the group's
+    for rule in ("encode_image", "sample_high", "sample_low", "decode"):
+        assert (results / "benchmarks" / rule / "boat~face.tsv").is_file()
+        log = (results / "logs" / rule / "boat~face.log").read_text()
+        assert "row boat (1/2)" in log and "row face (2/2)" in log
+    assert (results / "benchmarks" / "encode_video" / "boat.tsv").is_file()
+    # each artifact is the store's file, linked (one inode, no second copy)
+    boundary = results / "boat" / "boundary.safetensors"
+    assert boundary.stat().st_nlink == 2
     assert len(list((results / "prompts").iterdir())) == 2
     assert not list(results.rglob("*.partial"))
 
 
 def test_second_run_does_nothing(batch):
-    before = mtimes(batch)
+    before = file_ids(batch)
     out = snakemake(batch)
     assert "Nothing to be done" in out.stdout + out.stderr
-    assert mtimes(batch) == before
+    assert file_ids(batch) == before
 
 
 @pytest.mark.parametrize("column, value", [("boundary", "0.95"), ("seed", "7")])
 def test_changing_one_rows_value_reruns_only_its_sampling_and_after(batch, column, value):
-    before = mtimes(batch)
+    before = file_ids(batch)
     header, boat, face = (batch / "sheet.csv").read_text().splitlines()
     if column == "seed":
         face = face.replace(",2,5,32,48,3", f",{value},5,32,48,3")
@@ -42,7 +52,7 @@ def test_changing_one_rows_value_reruns_only_its_sampling_and_after(batch, colum
         header, boat, face = header + f",{column}", boat + ",", face + f",{value}"
     (batch / "sheet.csv").write_text("\n".join([header, boat, face]) + "\n")
     snakemake(batch)
-    after = mtimes(batch)
+    after = file_ids(batch)
     changed = {k for k in before if after[k] != before[k]}
     assert changed == {"results/face/boundary.safetensors", "results/face/latent.safetensors",
                        "results/face/video.mp4"}
@@ -52,9 +62,9 @@ def test_changing_global_sigma_max_reruns_all_sampling_but_no_encoding(batch):
     config = yaml.safe_load((batch / "config.yaml").read_text())
     config["defaults"]["sigma_max"] = 80
     (batch / "config.yaml").write_text(yaml.safe_dump(config))
-    before = mtimes(batch)
+    before = file_ids(batch)
     snakemake(batch)
-    after = mtimes(batch)
+    after = file_ids(batch)
     changed = {k for k in before if after[k] != before[k]}
     assert changed == {f"results/{r}/{n}" for r in ("boat", "face")
                        for n in ("boundary.safetensors", "latent.safetensors", "video.mp4")}
@@ -73,6 +83,34 @@ def test_bad_sheet_fails_before_any_job_and_creates_nothing(tmp_path):
 def test_identical_prompts_share_one_text_embedding(tmp_path):
     folder = make_workdir(tmp_path, "id,image,prompt,num_frames,width,height\n"
                                     "a,images/cafe.png,same words,5,32,32\nb,images/harbour.png,same words,5,32,32\n")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["batch_rows"] = 1
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(folder, "--dry-run")
-    assert out.stdout.count("rule encode_prompt:") == 1
-    assert out.stdout.count("rule sample_high:") == 2
+    assert len(re.findall(r"^rule encode_prompt_\S+:", out.stdout, re.M)) == 1
+    assert sorted(re.findall(r"^rule sample_high_\S+:", out.stdout, re.M)) == ["rule sample_high_a:", "rule sample_high_b:"]
+
+
+def test_batch_rows_1_runs_one_job_per_row(tmp_path):
+    folder = make_workdir(tmp_path)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["batch_rows"] = 1
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(folder, "--dry-run", "--until", *(f"sample_low_{r}" for r in ("boat", "face")))
+    jobs = sorted(re.findall(r"^rule (\w+)_(boat|face):", out.stdout, re.M))
+    assert jobs == sorted((stage, row) for stage in ("encode_image", "sample_high", "sample_low")
+                          for row in ("boat", "face"))
+
+
+def test_adding_a_row_computes_only_that_row(batch):
+    before = file_ids(batch)
+    sheet = (batch / "sheet.csv").read_text()
+    (batch / "sheet.csv").write_text(sheet + "kite,images/cafe.png,a kite over the dunes,5,5,32,32,2\n")
+    snakemake(batch)
+    after = file_ids(batch)
+    assert {k for k in before if after[k] != before[k]} == set()  # the group was rerun, its rows relinked
+    assert {"results/kite/latent.safetensors", "results/kite/video.mp4"} <= set(after) - set(before)
+    log = (batch / "results" / "logs" / "sample_high" / "boat~kite.log").read_text()
+    assert "row boat (1/3): sample_high reused from the store" in log
+    assert "row face (2/3): sample_high reused" in log and "row kite: sample_high done" in log
+    assert log.count("load expert:") == 1  # loaded once, for the one row that needed it

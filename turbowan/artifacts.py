@@ -16,6 +16,7 @@ import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -24,6 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 META_KEY = "turbowan"
+# The stage name of a failure record: what a group job leaves at the output of a row that failed
+# (turbowan.batch), so the row's later stages can pass the error on instead of computing.
+FAILED_STAGE = "failed"
+FAILURE_FILE = "FAILED.json"  # a failure record in place of a folder output (frames)
 # Files larger than this (model checkpoints) are fingerprinted by size and mtime, not hashed.
 HASH_LIMIT_BYTES = 512 * 1024**2
 
@@ -53,16 +58,20 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     stat = path.stat()
     if path.is_dir():
         return {"path": str(path), "kind": "directory"}
-    record: dict[str, Any] = {"path": str(path), "size": stat.st_size}
-    if stat.st_size <= HASH_LIMIT_BYTES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        record["sha256"] = digest.hexdigest()
-    else:
-        record["mtime_ns"] = stat.st_mtime_ns
-    return record
+    return {"path": str(path), **_content_id(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)}
+
+
+@lru_cache(maxsize=4096)
+def _content_id(path: str, size: int, mtime_ns: int, inode: int) -> dict[str, Any]:
+    """Hash a file once per job (a group job fingerprints the same VAE for every row); the key holds
+    what would change if the file did."""
+    if size > HASH_LIMIT_BYTES:
+        return {"size": size, "mtime_ns": mtime_ns}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 def default_mode(directory: bool = False) -> int:
@@ -145,10 +154,31 @@ def quick_check(path: str | os.PathLike) -> str | None:
         expected = 8 + header_len + max(ends, default=0)
         if path.stat().st_size != expected:
             return f"is {path.stat().st_size} bytes, its header says {expected} (truncated or padded)"
-        if META_KEY not in (header.get("__metadata__") or {}):
+        meta = header.get("__metadata__") or {}
+        if META_KEY not in meta:
             return f"has no '{META_KEY}' record"
+        record = json.loads(meta[META_KEY])
+        if record.get("stage") == FAILED_STAGE:
+            return f"records that row {record.get('row')} failed in {record.get('failed_stage')}"
     except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
         return f"cannot be parsed as safetensors ({err.__class__.__name__}: {err})"
+    return None
+
+
+def check_digest(path: str | os.PathLike) -> str | None:
+    """Why an artifact's data does not match its recorded digest (or its header is broken), or None.
+    Reads the whole file: for reusing a stored result, where a flipped bit must not travel on."""
+    problem = quick_check(path)
+    if problem:
+        return problem
+    try:
+        record = read_record(path)
+        with safe_open(str(path), framework="pt") as f:
+            stored = {name: f.get_tensor(name) for name in f.keys()}
+    except (ArtifactError, SafetensorError, OSError) as err:
+        return str(err)
+    if record.get("data_sha256") != data_digest(stored):
+        return "its data does not match the digest recorded when it was written"
     return None
 
 
@@ -161,17 +191,24 @@ def sweep(artifacts: Iterable[tuple[str | os.PathLike, list[str | os.PathLike]]]
     moved = []
     for path, made_from_it in artifacts:
         path = Path(path)
-        problem = quick_check(path) if path.is_file() else None
-        if not problem:
+        failed = failure_record(path)
+        problem = quick_check(path) if path.is_file() and not failed else None
+        if not (problem or failed):
             continue
-        aside = quarantine(path, problem)
+        if failed:  # holds no data: remove it, so the row is tried again
+            problem = f"records that row {failed['row']} failed in {failed['failed_stage']}"
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            aside = None
+        else:
+            aside = quarantine(path, problem)
         stale = []
         for later in map(Path, made_from_it):
             if later.exists():
                 os.replace(later, later.with_name(later.name + ".stale"))
                 stale.append(later.name)
         also = f" (and set aside {', '.join(stale)} made from it)" if stale else ""
-        moved.append(f"{path} {problem}; moved it to {aside.name}{also} and will remake it")
+        where = f"moved it to {aside.name}" if aside else "removed it"
+        moved.append(f"{path} {problem}; {where}{also} and will remake it")
     return moved
 
 
@@ -226,6 +263,8 @@ def load_artifact(
     if not path.exists():
         raise ArtifactError(f"{path}: missing")
     record = read_record(path)
+    if record.get("stage") == FAILED_STAGE:
+        raise ArtifactError(f"{path}: row {record.get('row')} failed in {record.get('failed_stage')}: {record.get('error')}")
     if record.get("stage") != stage:
         raise ArtifactError(f"{path}: written by stage {record.get('stage')!r}, expected {stage!r}")
     try:
@@ -279,3 +318,37 @@ def check_made_from(path: str | os.PathLike, record: Mapping[str, Any], name: st
         raise ArtifactError(
             f"{path}: was made from a different {name} than {upstream} holds now; rerun to recompute it"
         )
+
+
+def failure_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The failure record at `path` ({failed_stage, row, error}), or None for anything else (cheap:
+    reads a header or a small file, never tensors)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            marker = path / FAILURE_FILE
+            return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+        if path.suffix != ".safetensors" or not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            if header_len > 1024**2:  # a model file, or any artifact with tensors in it
+                return None
+            meta = json.loads(f.read(header_len)).get("__metadata__") or {}
+        record = json.loads(meta.get(META_KEY, "{}"))
+    except (OSError, struct.error, ValueError, AttributeError):
+        return None
+    return record if record.get("stage") == FAILED_STAGE else None
+
+
+def write_failure(path: str | os.PathLike, failed_stage: str, row: str, error: str) -> None:
+    """Leave a failure record at a row's output: a tensor-less artifact, or a folder holding FAILED.json
+    when the output is a folder (frames)."""
+    path = Path(path)
+    record = {"stage": FAILED_STAGE, "failed_stage": failed_stage, "row": row, "error": error}
+    if path.suffix == ".safetensors":
+        with atomic_path(path) as tmp:
+            save_file({}, str(tmp), metadata={META_KEY: json.dumps(record, sort_keys=True)})
+    else:
+        with atomic_dir(path) as tmp:
+            (tmp / FAILURE_FILE).write_text(json.dumps(record, sort_keys=True), encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -41,15 +42,22 @@ def _gpu_line() -> str:
 FAULT_ENV = "TURBOWAN_INJECT_FAULT"
 
 
-def injected_fault(name: str, log_file: str | None) -> bool:
-    """Whether this job must fail on purpose, for fault-injection tests and drills.
+def injected_fault(name: str, key: str) -> None:
+    """Fail on purpose where TURBOWAN_INJECT_FAULT says so, for fault-injection tests and drills.
 
-    TURBOWAN_INJECT_FAULT="sample_low:row7,decode:row9" fails those stages of those rows (a job's
-    key is its log file's name: the row id, or the prompt key for encode_prompt).
+    TURBOWAN_INJECT_FAULT="sample_low:row7,decode:row9" makes those stages of those rows raise (a
+    row's key is its id, or the prompt key for encode_prompt). "sample_low:row7:kill" instead
+    SIGKILLs the job's whole process group there, as a dead node or the kernel's OOM killer would.
     """
-    key = os.path.splitext(os.path.basename(log_file or ""))[0]
-    wanted = {item.strip() for item in os.environ.get(FAULT_ENV, "").split(",") if item.strip()}
-    return f"{name}:{key}" in wanted
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        stage, _, rest = item.strip().partition(":")
+        wanted, _, how = rest.partition(":")
+        if (stage, wanted) != (name, key):
+            continue
+        if how == "kill":
+            logging.shutdown()
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        raise RuntimeError(f"fault injected by {FAULT_ENV} for {name}:{key}")
 
 
 def _peak_rss_gb() -> float:
@@ -90,8 +98,7 @@ def run_stage(
     started = time.perf_counter()
     try:
         try:
-            if injected_fault(name, log_file):
-                raise RuntimeError(f"fault injected by {FAULT_ENV}")
+            injected_fault(name, os.path.basename(log_file or "").removesuffix(".log"))
             stage(**kwargs)
         except Exception:
             log.exception("%s failed after %.1f s", name, time.perf_counter() - started)

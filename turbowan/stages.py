@@ -9,11 +9,12 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from .artifacts import ArtifactError, check_made_from, fingerprint, load_artifact, save_artifact
+from .artifacts import ArtifactError, check_made_from, failure_record, fingerprint, load_artifact, save_artifact
+from .batch import RowTask, run_rows
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
 from .models import load_text_encoder, load_tokenizer, load_transformer, load_vae
@@ -23,7 +24,7 @@ from .schedule import num_high_steps, rcm_timesteps
 from .sizes import latent_shape
 from .text import TEXT_LEN, encode_text
 from .vae import decode_frames, encode_condition
-from .video import load_frames, save_frames, write_mp4
+from .video import FRAMES_INFO, load_frames, save_frames, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -46,52 +47,174 @@ def _sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class Lazy:
+    """A model loaded the first time a row needs it: a group whose rows are all in the store loads nothing."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load, self._value = load, None
+
+    def __call__(self) -> Any:
+        if self._value is None:
+            self._value = self._load()
+        return self._value
+
+    def drop(self) -> None:
+        self._value = None
+
+
+def _run(stage: str, tasks: list[RowTask], compute, store, log_dir, job_log) -> None:
+    """Run a group's rows; without a store (a direct call, a test) compute straight into the output."""
+    if store is None:
+        for task in tasks:
+            compute(task, Path(task.out))
+        return
+    run_rows(stage, tasks, compute, store, log_dir, job_log)
+
+
+# --- encode_prompt: prompt text -> umT5 embedding -----------------------------------------------
+
+def encode_prompts(
+    rows: list[Mapping[str, Any]], text_encoder: str, tokenizer: str, device: str = "auto",
+    dtype: str = "bfloat16", store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
+) -> None:
+    """rows: [{key, prompt, out}]; umT5 is loaded once for the group and freed at the end."""
+    dev = resolve_device(device)
+
+    def load():
+        with phase("load text encoder"):
+            return load_text_encoder(text_encoder, dev, resolve_dtype(dtype)), load_tokenizer(tokenizer)
+
+    models = Lazy(load)
+    inputs = {"text_encoder": text_encoder, "tokenizer": tokenizer}
+
+    def compute(task: RowTask, path: Path) -> None:
+        encoder, tok = models()
+        with phase("encode prompt"):
+            emb, length = encode_text(encoder, tok, task.params["prompt"], dev)
+        log.info("prompt encoded: %d tokens (of %d), embedding %s", length, TEXT_LEN, list(emb.shape))
+        save_artifact(path, {"text": emb, "length": torch.tensor([length], dtype=torch.int64)},
+                      stage="encode_prompt", params=task.params, inputs=task.inputs)
+
+    tasks = [RowTask(row["key"], row["out"], {"prompt": row["prompt"], "text_len": TEXT_LEN}, inputs) for row in rows]
+    _run("encode_prompt", tasks, compute, store, log_dir, job_log)
+    models.drop()
+    gc.collect()
+    release(dev)  # umT5 (11 GB) leaves the GPU before anything else runs there
+
+
 def encode_prompt(
     prompt: str, text_encoder: str, tokenizer: str, out: str, device: str = "auto", dtype: str = "bfloat16"
 ) -> None:
-    dev = resolve_device(device)
-    with phase("load text encoder"):
-        encoder = load_text_encoder(text_encoder, dev, resolve_dtype(dtype))
-    with phase("encode prompt"):
-        emb, length = encode_text(encoder, load_tokenizer(tokenizer), prompt, dev)
-    del encoder
-    gc.collect()
-    release(dev)
-    log.info("prompt encoded: %d tokens (of %d), embedding %s", length, TEXT_LEN, list(emb.shape))
-    save_artifact(
-        out,
-        {"text": emb, "length": torch.tensor([length], dtype=torch.int64)},
-        stage="encode_prompt",
-        params={"prompt": prompt, "text_len": TEXT_LEN},
-        inputs={"text_encoder": text_encoder, "tokenizer": tokenizer},
-    )
+    encode_prompts([{"key": "prompt", "prompt": prompt, "out": out}], text_encoder, tokenizer, device, dtype)
 
 
-def _load_vae(vae: str, dev: torch.device, vae_dtype: str, frugal: int):
+# --- the VAE stages: image -> y, latent -> frames --------------------------------------------------
+
+# GPU memory the VAE needs per output pixel of one frame, measured at 480p in bf16 on an H100
+# (decode of 832x480: 4.6 GB peak, about 11 KB per pixel); used to turn tiling on before a row runs
+# out of memory rather than after.
+VAE_BYTES_PER_PIXEL = 11_000
+
+
+def _load_vae(vae: str, dev: torch.device, vae_dtype: str):
     """The VAE in `vae_dtype` ('auto': bfloat16 on a GPU, float32 on a CPU, where bf16 convs are slow)."""
     if vae_dtype == "auto":
         vae_dtype = "bfloat16" if dev.type == "cuda" else "float32"
     with phase("load VAE"):
-        model = load_vae(vae, dev, resolve_dtype(vae_dtype))
+        return load_vae(vae, dev, resolve_dtype(vae_dtype))
+
+
+def _tiling_wanted(dev: torch.device, video: Mapping[str, int], frugal: int) -> bool:
+    """Tile when asked to save memory (a retry), or when the frame size needs more than the GPU has free."""
     if frugal:
+        return True
+    if dev.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(dev)
+    return VAE_BYTES_PER_PIXEL * video["width"] * video["height"] > 0.9 * free
+
+
+def _with_vae(model_of: Lazy, dev: torch.device, video: Mapping[str, int], frugal: int, work: Callable[[Any], Any]):
+    """Run `work(vae)`, with tiling when the memory needs it; after running out of GPU memory,
+    once more with tiling."""
+    model = model_of()
+    tiled = _tiling_wanted(dev, video, frugal)
+    (model.enable_tiling if tiled else model.disable_tiling)()
+    if tiled:
+        log.info("VAE tiling on (%s)", "a retry, to use less memory" if frugal else "the frame size needs it")
+    try:
+        return work(model)
+    except torch.OutOfMemoryError:
+        if tiled:
+            raise
+        log.warning("out of GPU memory; once more with VAE tiling on")
+        gc.collect()
+        release(dev)
         model.enable_tiling()
-        log.info("retry %d: VAE tiling on, to use less memory than the failed attempt", frugal)
-    return model
+        return work(model)
+
+
+def encode_images(
+    rows: list[Mapping[str, Any]], vae: str, device: str = "auto", vae_dtype: str = "auto", frugal: int = 0,
+    store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
+) -> None:
+    """rows: [{key, image, video, out}] -> each row's conditioning y."""
+    dev = resolve_device(device)
+    model = Lazy(lambda: _load_vae(vae, dev, vae_dtype))
+
+    def compute(task: RowTask, path: Path) -> None:
+        video = task.params
+        pixels = preprocess(open_rgb(task.inputs["image"]), video["width"], video["height"])  # [1, 3, H, W]
+        with phase("VAE encode"):
+            y = _with_vae(model, dev, video, frugal, lambda m: encode_condition(m, pixels, video["num_frames"]))
+        log.info("image %s -> y %s", task.inputs["image"], list(y.shape))
+        save_artifact(path, {"y": y}, stage="encode_image", params=video, inputs=task.inputs)
+
+    tasks = [RowTask(row["key"], row["out"], _video(row["video"]), {"image": row["image"], "vae": vae}) for row in rows]
+    _run("encode_image", tasks, compute, store, log_dir, job_log)
 
 
 def encode_image(
     image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "auto",
     frugal: int = 0,
 ) -> None:
-    video = _video(video)
-    dev = resolve_device(device)
-    pixels = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
-    model = _load_vae(vae, dev, vae_dtype, frugal)
-    with phase("VAE encode"):
-        y = encode_condition(model, pixels, video["num_frames"])
-    log.info("image %s -> y %s", image, list(y.shape))
-    save_artifact(out, {"y": y}, stage="encode_image", params=video, inputs={"image": image, "vae": vae})
+    encode_images([{"key": "image", "image": image, "video": video, "out": out}], vae, device, vae_dtype, frugal)
 
+
+def decode_latents(
+    rows: list[Mapping[str, Any]], vae: str, device: str = "auto", vae_dtype: str = "auto", frugal: int = 0,
+    store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
+) -> None:
+    """rows: [{key, latent, video, out}] -> each row's frames folder (lossless PNG)."""
+    dev = resolve_device(device)
+    model = Lazy(lambda: _load_vae(vae, dev, vae_dtype))
+
+    def compute(task: RowTask, path: Path) -> None:
+        video = task.params
+        latent = task.inputs["latent"]
+        saved, _ = load_artifact(latent, "sample_low", {"x": (latent_shape(**video), torch.float64)}, params=video)
+        with phase("VAE decode"):
+            frames = _with_vae(model, dev, video, frugal, lambda m: decode_frames(m, saved["x"]))  # uint8 [F, H, W, 3]
+        expected = (video["num_frames"], video["height"], video["width"], 3)
+        if tuple(frames.shape) != expected:
+            raise ArtifactError(f"{latent}: decoded to {list(frames.shape)}, expected {list(expected)}")
+        with phase("write frames"):
+            made_by = {"latent": fingerprint(latent), "vae": fingerprint(vae), "vae_dtype": vae_dtype}
+            save_frames(frames, path, made_by)
+
+    tasks = [RowTask(row["key"], row["out"], _video(row["video"]), {"latent": row["latent"], "vae": vae})
+             for row in rows]
+    _run("decode", tasks, compute, store, log_dir, job_log)
+
+
+def decode(
+    latent: str, vae: str, out_dir: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "auto",
+    frugal: int = 0,
+) -> None:
+    decode_latents([{"key": "latent", "latent": latent, "video": video, "out": out_dir}], vae, device, vae_dtype, frugal)
+
+
+# --- sampling: one expert per job --------------------------------------------------------------------
 
 def _load_conditions(text: str, cond: str, video: dict[str, int], device: torch.device):
     """Text embedding [1, 512, D] and y [1, 20, lat_t, lat_h, lat_w], checked against this row."""
@@ -112,43 +235,114 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
         )
 
 
-def _run_expert(
-    expert: str, name: str, state: SamplerState, t: torch.Tensor, stop: int, ode: bool,
-    text: str, text_emb: torch.Tensor, y: torch.Tensor, dtype: str, attn: dict, dev: torch.device,
-) -> SamplerState:
-    """Load one expert and run the steps state.next_step .. stop-1 with it."""
-    with phase("load expert"):
-        model = load_transformer(expert, dev, resolve_dtype(dtype), **attn)
-    _check_text_width(model, text_emb, text, expert)
-    return run_steps(state, dit_velocity(model, text_emb, y, resolve_dtype(dtype)), t, stop, ode, name)
+def _expert(expert: str, dev: torch.device, dtype: str, attn: dict) -> Lazy:
+    def load():
+        with phase("load expert"):
+            return load_transformer(expert, dev, resolve_dtype(dtype), **attn)
+
+    return Lazy(load)
+
+
+def _run_expert(model: Lazy, expert: str, name: str, state: SamplerState, t: torch.Tensor, stop: int, ode: bool,
+                text: str, text_emb: torch.Tensor, y: torch.Tensor, dtype: str) -> SamplerState:
+    """Run the steps state.next_step .. stop-1 of one row with the group's expert."""
+    transformer = model()
+    _check_text_width(transformer, text_emb, text, expert)
+    return run_steps(state, dit_velocity(transformer, text_emb, y, resolve_dtype(dtype)), t, stop, ode, name)
+
+
+def _sampling_task(row: Mapping[str, Any], attn: dict, dev: torch.device, inputs: dict[str, str]) -> RowTask:
+    sampling, video = _sampling(row["sampling"]), _video(row["video"])
+    return RowTask(row["key"], row["out"], {**sampling, **video, **attn, "device_type": dev.type}, inputs,
+                   {"sampling": sampling, "video": video})
+
+
+def sample_high_rows(
+    rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
+    attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, log_dir: str | None = None,
+    job_log: str | None = None,
+) -> None:
+    """rows: [{key, text, cond, sampling, video, out}]. Start each row's sampling and run its
+    high-noise steps; save x, the generator and the next step."""
+    attn = {"attention": attention, "sla_topk": float(sla_topk)}
+    dev = resolve_device(device)
+    model = _expert(expert, dev, dtype, attn)
+
+    def compute(task: RowTask, path: Path) -> None:
+        sampling, video = task.values["sampling"], task.values["video"]
+        t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
+        n_high = num_high_steps(t, sampling["boundary"])
+        text_emb, y = _load_conditions(task.inputs["text"], task.inputs["cond"], video, dev)
+        state = initial_state(latent_shape(**video), sampling["seed"], t, dev)
+        if n_high:
+            state = _run_expert(model, expert, "high", state, t, n_high, sampling["ode"], task.inputs["text"],
+                                text_emb, y, dtype)
+        with phase("save boundary"):
+            save_artifact(
+                path,
+                {
+                    "x": state.x,  # float64 [1, 16, lat_t, lat_h, lat_w]
+                    "generator_state": state.generator.get_state(),
+                    "next_step": torch.tensor([state.next_step], dtype=torch.int64),
+                },
+                stage="sample_high", params=task.params, inputs=task.inputs,
+            )
+
+    tasks = [_sampling_task(row, attn, dev, {"text": row["text"], "cond": row["cond"], "expert": expert})
+             for row in rows]
+    _run("sample_high", tasks, compute, store, log_dir, job_log)
+
+
+def sample_low_rows(
+    rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
+    attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, log_dir: str | None = None,
+    job_log: str | None = None,
+) -> None:
+    """rows: [{key, text, cond, boundary, sampling, video, out}]. Restore the state saved by
+    sample_high and run the remaining (low-noise) steps."""
+    attn = {"attention": attention, "sla_topk": float(sla_topk)}
+    dev = resolve_device(device)
+    model = _expert(expert, dev, dtype, attn)
+
+    def compute(task: RowTask, path: Path) -> None:
+        sampling, video = task.values["sampling"], task.values["video"]
+        boundary, text, cond = task.inputs["boundary"], task.values["text"], task.values["cond"]
+        saved, record = load_artifact(
+            boundary, "sample_high",
+            {"x": (latent_shape(**video), torch.float64), "generator_state": ((None,), torch.uint8),
+             "next_step": ((1,), torch.int64)},
+            params={**sampling, **video, "device_type": dev.type},
+        )
+        check_made_from(boundary, record, "text", text)
+        check_made_from(boundary, record, "cond", cond)
+        state = SamplerState(
+            x=saved["x"].to(dev), generator=restore_generator(saved["generator_state"], dev),
+            next_step=int(saved["next_step"].item()),
+        )
+        t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
+        if state.next_step < sampling["num_steps"]:
+            text_emb, y = _load_conditions(text, cond, video, dev)
+            state = _run_expert(model, expert, "low", state, t, sampling["num_steps"], sampling["ode"], text,
+                                text_emb, y, dtype)
+        else:
+            log.info("all %d steps ran on the high-noise expert; the low-noise expert is not needed",
+                     sampling["num_steps"])
+        save_artifact(path, {"x": state.x}, stage="sample_low", params=task.params, inputs=task.inputs)
+
+    tasks = []
+    for row in rows:
+        task = _sampling_task(row, attn, dev, {"boundary": row["boundary"], "expert": expert})
+        task.values.update(text=row["text"], cond=row["cond"])
+        tasks.append(task)
+    _run("sample_low", tasks, compute, store, log_dir, job_log)
 
 
 def sample_high(
     text: str, cond: str, expert: str, out: str, sampling: Mapping[str, Any], video: Mapping[str, Any],
     device: str = "auto", dtype: str = "bfloat16", attention: str = "auto", sla_topk: float = 0.1,
 ) -> None:
-    """Start a row's sampling and run the high-noise steps; save x, the generator and the next step."""
-    sampling, video = _sampling(sampling), _video(video)
-    attn = {"attention": attention, "sla_topk": float(sla_topk)}
-    dev = resolve_device(device)
-    text_emb, y = _load_conditions(text, cond, video, dev)
-    t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
-    n_high = num_high_steps(t, sampling["boundary"])
-    state = initial_state(latent_shape(**video), sampling["seed"], t, dev)
-    if n_high:
-        state = _run_expert(expert, "high", state, t, n_high, sampling["ode"], text, text_emb, y, dtype, attn, dev)
-    with phase("save boundary"):
-        save_artifact(
-            out,
-            {
-                "x": state.x,  # float64 [1, 16, lat_t, lat_h, lat_w]
-                "generator_state": state.generator.get_state(),
-                "next_step": torch.tensor([state.next_step], dtype=torch.int64),
-            },
-            stage="sample_high",
-            params={**sampling, **video, **attn, "device_type": dev.type},
-            inputs={"text": text, "cond": cond, "expert": expert},
-        )
+    row = {"key": "row", "text": text, "cond": cond, "sampling": sampling, "video": video, "out": out}
+    sample_high_rows([row], expert, device, dtype, attention, sla_topk)
 
 
 def sample_low(
@@ -156,61 +350,33 @@ def sample_low(
     video: Mapping[str, Any], device: str = "auto", dtype: str = "bfloat16", attention: str = "auto",
     sla_topk: float = 0.1,
 ) -> None:
-    """Restore the state saved by sample_high and run the remaining (low-noise) steps."""
-    sampling, video = _sampling(sampling), _video(video)
-    attn = {"attention": attention, "sla_topk": float(sla_topk)}
-    dev = resolve_device(device)
-    shape = latent_shape(**video)
-    saved, record = load_artifact(
-        boundary, "sample_high",
-        {"x": (shape, torch.float64), "generator_state": ((None,), torch.uint8), "next_step": ((1,), torch.int64)},
-        params={**sampling, **video, "device_type": dev.type},
-    )
-    check_made_from(boundary, record, "text", text)
-    check_made_from(boundary, record, "cond", cond)
-    state = SamplerState(
-        x=saved["x"].to(dev), generator=restore_generator(saved["generator_state"], dev),
-        next_step=int(saved["next_step"].item()),
-    )
-    t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
-    if state.next_step < sampling["num_steps"]:
-        text_emb, y = _load_conditions(text, cond, video, dev)
-        state = _run_expert(
-            expert, "low", state, t, sampling["num_steps"], sampling["ode"], text, text_emb, y, dtype, attn, dev
-        )
-    else:
-        log.info("all %d steps ran on the high-noise expert; the low-noise expert is not loaded", sampling["num_steps"])
-    save_artifact(
-        out, {"x": state.x}, stage="sample_low",
-        params={**sampling, **video, **attn, "device_type": dev.type}, inputs={"boundary": boundary, "expert": expert},
-    )
+    row = {"key": "row", "text": text, "cond": cond, "boundary": boundary, "sampling": sampling, "video": video,
+           "out": out}
+    sample_low_rows([row], expert, device, dtype, attention, sla_topk)
 
 
-def decode(
-    latent: str, vae: str, out_dir: str, video: Mapping[str, Any], device: str = "auto", vae_dtype: str = "auto",
-    frugal: int = 0,
+def encode_video(
+    frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int, key: str = "video",
+    store: str | None = None,
 ) -> None:
+    """Frames -> H.264 mp4. Through the store, so that a row whose frames were made again by its
+    group's decode job (same latent, same VAE) gets its finished mp4 back instead of a new encode."""
     video = _video(video)
-    dev = resolve_device(device)
-    shape = latent_shape(**video)
-    saved, _ = load_artifact(latent, "sample_low", {"x": (shape, torch.float64)}, params=video)
-    model = _load_vae(vae, dev, vae_dtype, frugal)
-    with phase("VAE decode"):
-        frames = decode_frames(model, saved["x"])  # uint8 [F, H, W, 3]
-    expected = (video["num_frames"], video["height"], video["width"], 3)
-    if tuple(frames.shape) != expected:
-        raise ArtifactError(f"{latent}: decoded to {list(frames.shape)}, expected {list(expected)}")
-    with phase("write frames"):
-        save_frames(frames, out_dir, {"latent": fingerprint(latent)})
+    failed = failure_record(frames_dir)
+    if failed:  # the row failed earlier in its group: this, its last stage, fails with that error
+        raise ArtifactError(f"row {failed['row']} failed in {failed['failed_stage']}: {failed['error']}")
 
+    def compute(task: RowTask, path: Path) -> None:
+        files, info = load_frames(frames_dir)
+        if (info["count"], info["width"], info["height"]) != (video["num_frames"], video["width"], video["height"]):
+            raise ArtifactError(
+                f"{frames_dir}: holds {info['count']} frames of {info['width']}x{info['height']}, "
+                f"expected {video['num_frames']} of {video['width']}x{video['height']}"
+            )
+        write_mp4(files, path, video["width"], video["height"], fps, quality)
+        log.info("wrote %s (%d frames at %d fps)", Path(out), len(files), fps)
 
-def encode_video(frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int) -> None:
-    video = _video(video)
-    files, info = load_frames(frames_dir)
-    if (info["count"], info["width"], info["height"]) != (video["num_frames"], video["width"], video["height"]):
-        raise ArtifactError(
-            f"{frames_dir}: holds {info['count']} frames of {info['width']}x{info['height']}, "
-            f"expected {video['num_frames']} of {video['width']}x{video['height']}"
-        )
-    write_mp4(files, out, video["width"], video["height"], fps, quality)
-    log.info("wrote %s (%d frames at %d fps)", Path(out), len(files), fps)
+    # the frames' record names the decode that made them (latent, VAE, dtype): it stands for their content
+    task = RowTask(key, out, {**video, "fps": int(fps), "quality": int(quality)},
+                   {"frames": str(Path(frames_dir) / FRAMES_INFO)})
+    _run("encode_video", [task], compute, store, None, None)

@@ -5,8 +5,8 @@ rebuilt at any time: by the Snakefile's end-of-run handlers (also after --keep-g
 by the gallery, and by `turbowan status`. Nothing here needs Snakemake.
 
 A stage is `done` when its output exists, `failed` when its log ends in an error (the output of a
-failed job is removed by Snakemake), and `missing` otherwise (not run yet, or skipped because an
-upstream stage failed).
+failed job is removed by Snakemake) or its output is a group job's failure record for this stage,
+and `missing` otherwise (not run yet, or skipped because an upstream stage failed).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, failure_record
 
 STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode", "encode_video")
 DONE, FAILED, MISSING = "done", "failed", "missing"
@@ -109,6 +109,13 @@ def stage_status(results: str | Path, row: RowLike, stage: str) -> StageStatus:
     log = log_file(results, stage, key)
     if log.is_file():
         log_text = log.read_text(encoding="utf-8", errors="replace")
+    failed = failure_record(output)
+    if failed:  # a group job left a record for this row: failed here, or skipped after an earlier failure
+        if failed["failed_stage"] == stage:
+            error = last_error(log_text) or failed["error"]
+            match = _FAILED_AFTER.search(log_text)
+            return StageStatus(FAILED, float(match[1]) if match else None, error, str(output))
+        return StageStatus(MISSING, None, None, str(output))
     exists = output.exists()
     if stage == "decode" and not exists:
         # Frames are temporary: once the mp4 is made from them Snakemake deletes them.
