@@ -35,3 +35,15 @@ def test_cuda_noise_differs_from_cpu_noise_for_one_seed(demo_models, tmp_path):
     cpu = torch.randn(8, generator=make_generator(1, "cpu"))
     gpu = torch.randn(8, generator=make_generator(1, "cuda"), device="cuda").cpu()
     assert not torch.equal(cpu, gpu)
+
+
+def test_pinned_read_ahead_to_the_gpu_gives_the_files_tensors(tmp_path):
+    from turbowan.safetensors_io import SafetensorsFile
+
+    from .test_safetensors_io import staged_file
+
+    path, tensors = staged_file(tmp_path)
+    with SafetensorsFile(path) as f:
+        got = list(f.to_device(list(tensors), torch.device("cuda"), slab_bytes=16 * 1024, slabs=3))
+    for name, tensor in got:
+        assert tensor.is_cuda and torch.equal(tensor.cpu(), tensors[name]), name

@@ -61,3 +61,27 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(SafetensorsFormatError, match="not a safetensors file"):
         SafetensorsFile(tmp_path / "junk.safetensors")
+
+
+def staged_file(tmp_path):
+    """Tensors of many sizes, some larger than the test's slabs, in a mixed order."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i:02d}": torch.randn(n, generator=gen).to(torch.bfloat16 if i % 2 else torch.float32)
+               for i, n in enumerate([10, 300, 5000, 7, 2048, 40000, 1, 999, 65536, 3])}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def test_read_ahead_through_reused_slabs_gives_every_tensor_in_order(tmp_path):
+    path, tensors = staged_file(tmp_path)
+    names = list(reversed(list(tensors)))
+    with SafetensorsFile(path) as f:
+        # 3 slabs of 16 KB: slabs are reused many times, and the 40000- and 65536-element tensors
+        # are bigger than a slab and go through on their own
+        got = list(f.to_device(names, torch.device("cpu"), slab_bytes=16 * 1024, slabs=3))
+    assert [name for name, _ in got] == names
+    for name, tensor in got:
+        assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
+    # each yielded tensor owns its memory: a later read must not have overwritten an earlier one
+    assert len({t.data_ptr() for _, t in got}) == len(got)

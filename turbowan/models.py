@@ -52,16 +52,17 @@ def _inspect(path: Path, kind: str) -> ModelInfo:
 
 
 @contextmanager
-def _open_tensors(info: ModelInfo) -> Iterator[Callable[[str], torch.Tensor]]:
-    """get(file key) -> CPU tensor, read lazily from a safetensors file or a memory-mapped .pth."""
+def _open_tensors(info: ModelInfo) -> Iterator[Callable[[str], torch.Tensor] | SafetensorsFile]:
+    """A SafetensorsFile (plain reads, no whole-file memory map in the job's RSS), or for a .pth
+    get(file key) -> CPU tensor from its memory map."""
     if info.container == "pth":
         tensors = load_pth(info.path)
         yield tensors.__getitem__
         del tensors
         return
     try:
-        with SafetensorsFile(info.path) as f:  # plain reads: no whole-file memory map in the job's RSS
-            yield f.get_tensor
+        with SafetensorsFile(info.path) as f:
+            yield f
     except SafetensorsFormatError as err:
         raise CheckpointError(f"{info.path}: broken safetensors file ({err})") from err
 
@@ -73,11 +74,17 @@ def _stream_state_dict(
     dtype_for: Callable[[str, torch.Tensor], torch.dtype],
     transform: Callable[[str, torch.Tensor, Callable], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{module key: tensor on device}, reading each tensor once, straight from the file."""
+    """{module key: tensor on device}, reading each tensor once, straight from the file to the device
+    (dtype conversions and reshapes happen there)."""
     state = {}
-    with _open_tensors(info) as get:
-        for new_key, file_key in table.items():
-            tensor = get(file_key)
+    with _open_tensors(info) as source:
+        if isinstance(source, SafetensorsFile):
+            get = source.get_tensor
+            arriving = source.to_device(list(table.values()), device)
+        else:
+            get = source
+            arriving = ((key, get(key)) for key in table.values())
+        for (file_key, tensor), new_key in zip(arriving, table):  # (arriving first: it runs to its end)
             if transform is not None:
                 tensor = transform(file_key, tensor, get)
             state[new_key] = tensor.to(device=device, dtype=dtype_for(new_key, tensor), non_blocking=True)
