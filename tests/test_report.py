@@ -5,8 +5,11 @@ One batch is run per module (tiny sizes, demo models built by the workflow itsel
   1. `snakemake --keep-going` with a fault injected into cafe.night's sample_low job: that row
      fails, the others finish; the onerror handler writes summary.csv and the gallery;
      then `--report report.zip`;
-  2. without the fault, with gallery.embed set: the rerun finishes cafe.night only, the gallery
-     rule remakes the gallery, onsuccess rewrites summary.csv; then `--report report.html`.
+  2. without the fault, with gallery.embed set: the rerun computes cafe.night only (its group's
+     jobs run again and link the other rows' results from the store), the gallery rule remakes
+     the gallery, onsuccess rewrites summary.csv; then `--report report.html`.
+
+The three rows are one group (batch_rows 4): one job per GPU stage, named `<stage>_harbour~cafe.night`.
 """
 
 import csv
@@ -21,7 +24,8 @@ import yaml
 from PIL import Image
 
 from tests.browser import ARTIFACTS, gallery_in_report
-from tests.conftest import REPO, run_snakemake
+from tests.conftest import REPO, file_ids, run_snakemake
+from turbowan.artifacts import failure_record
 from turbowan.gallery import EMBED_WARN_BYTES
 from turbowan.jobs import FAULT_ENV
 from turbowan.previews import SheetLayout, frame_count
@@ -37,6 +41,10 @@ cafe.night,images/cafe.png,"Café in Montréal at night — neon signs flicker, 
 FRAMES = {"harbour": 9, "portrait-1": 13, "cafe.night": 17}
 SIZES = {"harbour": (48, 32), "portrait-1": (32, 48), "cafe.night": (32, 32)}
 FAILED = "cafe.night"
+GROUP = "harbour~cafe.night"  # every row in one group job per GPU stage
+GPU_STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode")
+STAGES = (*GPU_STAGES, "encode_video")
+FAULT = f"RuntimeError: fault injected by {FAULT_ENV} for sample_low:{FAILED}"
 
 
 def write_config(workdir: Path, embed: bool) -> None:
@@ -74,6 +82,7 @@ def batch(tmp_path_factory):
     snapshot = workdir / "after-failure"
     snapshot.mkdir()
     shutil.copy(results / "summary.csv", snapshot / "summary.csv")
+    shutil.copytree(results / "logs", snapshot / "logs")  # the rerun rewrites the per-row logs
     run_snakemake(workdir, "--report", "report.zip")
     return workdir
 
@@ -82,9 +91,13 @@ def batch(tmp_path_factory):
 def fixed_batch(batch):
     """Step 2: no fault, media embedded, the rerun finishing the row; report.html."""
     write_config(batch, embed=True)
+    latent = batch / "results" / FAILED / "latent.safetensors"  # its failure record, or nothing once a
+    assert not latent.exists() or failure_record(latent)["failed_stage"] == "sample_low"  # run swept it
+    before = file_ids(batch)
     proc = run_snakemake(batch)
+    after = file_ids(batch)
     run_snakemake(batch, "--report", "report.html")
-    return batch, proc
+    return batch, proc, before, after
 
 
 def test_summary_after_keep_going_failure(batch):
@@ -93,14 +106,21 @@ def test_summary_after_keep_going_failure(batch):
     for rid in ("harbour", "portrait-1"):
         rec = summary[rid]
         assert rec["state"] == "done" and rec["error"] == ""
-        assert all(rec[f"{stage}_state"] == "done" for stage in
-                   ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode", "encode_video"))
-        assert float(rec["sample_high_s"]) > 0 and float(rec["total_s"]) > float(rec["sample_high_s"])
+        assert all(rec[f"{stage}_state"] == "done" for stage in STAGES)
+        # Each row's own time in a group job: its per-row log's "done in" line (a tiny row may
+        # take under 0.05 s: 0.0); encode_video is a job per row, timed by its benchmark.
+        for stage in GPU_STAGES:
+            key = rec["prompt_key"] if stage == "encode_prompt" else rid
+            row_log = (batch / "after-failure" / "logs" / stage / f"{key}.log").read_text()
+            done = re.search(rf"row {re.escape(key)}: {stage} done in ([0-9.]+) s", row_log)
+            assert done and float(rec[f"{stage}_s"]) == float(done[1]), (stage, rec, row_log)
+        assert float(rec["encode_video_s"]) > 0
+        assert float(rec["total_s"]) == pytest.approx(sum(float(rec[f"{s}_s"]) for s in STAGES), abs=0.02)
         assert (batch / rec["video"]).is_file()
     failed = summary[FAILED]
     assert failed["state"] == "failed" and failed["failed_stage"] == "sample_low"
-    assert failed["error"] == f"RuntimeError: fault injected by {FAULT_ENV}"
-    assert float(failed["sample_low_s"]) >= 0  # from the log's "sample_low failed after ... s"
+    assert failed["error"] == FAULT
+    assert float(failed["sample_low_s"]) >= 0  # from its row log's "sample_low failed after ... s"
     assert [failed[f"{s}_state"] for s in ("sample_high", "sample_low", "decode", "encode_video")] == \
         ["done", "failed", "missing", "missing"]
 
@@ -138,17 +158,37 @@ def test_report_zip_in_browser(batch):
     assert len(seen["images"]) == 7
     assert all(img["complete"] and img["width"] > 0 for img in seen["images"]), seen["images"]
     error = seen["sections"][FAILED]["error"]
-    assert error == f"sample_low failed: RuntimeError: fault injected by {FAULT_ENV}"
+    assert error == f"sample_low failed: {FAULT}"
     assert seen["sections"]["harbour"]["error"] is None
     assert "seed\t42" in seen["sections"]["harbour"]["text"] and "48 x 32" in seen["sections"]["harbour"]["text"]
     assert seen["counts"].startswith("3 rows: 2 done, 1 failed")
 
 
 def test_fixed_row_reruns_alone_and_html_report_in_browser(fixed_batch):
-    batch, proc = fixed_batch
-    ran = re.findall(r"^(?:local)?rule (\w+):", proc.stderr, flags=re.M)
-    # the rerun finishes the failed row from the failed stage on, and the pictures of the whole batch
-    assert ran == ["sample_low", "decode", "encode_video", "previews", "batch_contact_sheet", "gallery", "all"]
+    batch, proc, before, after = fixed_batch
+    ran = re.findall(r"^(?:local)?rule (\S+):", proc.stderr, flags=re.M)
+    # The rerun runs the failed row's group from the failed stage on, then each row's mp4 and
+    # previews (Snakemake reruns what a rerun job's outputs feed), and the pictures of the batch ...
+    assert ran[:2] == [f"sample_low_{GROUP}", f"decode_{GROUP}"], ran
+    assert sorted(ran[2:-3]) == ["encode_video"] * 3 + ["previews"] * 3, ran
+    assert ran[-3:] == ["batch_contact_sheet", "gallery", "all"], ran
+    # ... but computes only the failed row: every other artifact is the same file as before (its
+    # group mates' results linked again from the store); the failed row's latent, a failure record
+    # before (its new file may get the freed inode number), is a latent now, and its video is new.
+    latent = f"results/{FAILED}/latent.safetensors"
+    kept = {path: ino for path, ino in before.items() if path != latent}
+    assert {path: after.get(path) for path in kept} == kept
+    assert set(after) - set(kept) == {latent, f"results/{FAILED}/video.mp4"}
+    assert failure_record(batch / latent) is None
+    logs = batch / "results" / "logs"
+    for stage in ("sample_low", "decode", "encode_video"):
+        for rid in FRAMES:
+            row_log = (logs / stage / f"{rid}.log").read_text()
+            if rid == FAILED:
+                assert re.search(rf"row {re.escape(rid)}: {stage} done in ", row_log), row_log
+            else:
+                assert f"row {rid} (" in row_log and f"{stage} reused from the store" in row_log, row_log
+                assert not re.search(rf"row {re.escape(rid)}: {stage} done in ", row_log), row_log
     summary = read_csv(batch / "results" / "summary.csv")
     assert {rec["state"] for rec in summary.values()} == {"done"}
     # media embedded: the folder holds one page (and Snakemake's marker, which reports ignore)

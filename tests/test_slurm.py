@@ -3,6 +3,9 @@
 tools/slurm-local.sh starts munged, slurmctld and slurmd here (two fake GPUs) for the test
 session and stops them at its end. It needs root; CI (.ci/run) is root and sets
 TURBOWAN_REQUIRE_SLURM=1, so there a missing cluster fails the suite instead of skipping.
+
+GPU stages run one SLURM job per group of `batch_rows` rows (rule `<stage>_<group>`, no wildcards;
+group "<first>~<last>", or the row id for a group of one); encode_video is one job per row.
 """
 
 import csv
@@ -15,13 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, run_snakemake, snakemake_command
+from .conftest import REPO, file_ids, run_snakemake, snakemake_command
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 GPU_RULES = {"encode_prompt", "encode_image", "sample_high", "sample_low", "decode"}
 CPU_RULES = {"encode_video", "previews", "batch_contact_sheet", "gallery"}  # the mp4 and the report
-ARTIFACTS = ("text.safetensors", "cond.safetensors", "boundary.safetensors", "latent.safetensors", "video.mp4")
+BATCH_ROWS = 2  # the demo's 3 rows: groups harbour~portrait-1 and cafe.night, which can run side by side
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +45,10 @@ def slurm_cluster(tmp_path_factory):
 
 
 def slurm_jobs(cluster_env) -> list[dict]:
-    """Every job SLURM still remembers (MinJobAge): id, rule, row, state, GPUs asked for, times."""
+    """Every job SLURM still remembers (MinJobAge): id, rule, key, state, GPUs asked for, times.
+
+    rule is the stage for a group job ("sample_low" for `sample_low_<group>`) and key its group;
+    for a per-row job (encode_video, previews) key is the row; "" for the batch's jobs."""
     out = subprocess.run(
         ["squeue", "-t", "all", "-h", "-O", "JobID:|,Comment:|,State:|,tres-per-job:|,StartTime:|,EndTime:"],
         env={**os.environ, **cluster_env}, capture_output=True, text=True, check=True,
@@ -50,8 +56,11 @@ def slurm_jobs(cluster_env) -> list[dict]:
     jobs = []
     for line in out.splitlines():
         job_id, comment, state, tres, start, end = (field.strip() for field in line.split("|"))
-        rule, _, row = comment.removeprefix("rule_").partition("_wildcards_")
-        jobs.append({"id": int(job_id), "rule": rule, "row": row, "state": state, "tres": tres,
+        rule, _, key = comment.removeprefix("rule_").partition("_wildcards_")
+        stage = next((stage for stage in GPU_RULES if rule.startswith(f"{stage}_")), None)
+        if stage:
+            rule, key = stage, rule.removeprefix(f"{stage}_")
+        jobs.append({"id": int(job_id), "rule": rule, "key": key, "state": state, "tres": tres,
                      "start": start, "end": end})
     return jobs
 
@@ -68,18 +77,22 @@ def write_batch(workdir: Path, models: dict) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(sheet=str(workdir / "sheet.csv"), results=str(workdir / "results"), models=dict(models))
+    config.update(sheet=str(workdir / "sheet.csv"), results=str(workdir / "results"), models=dict(models),
+                  batch_rows=BATCH_ROWS)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return {row["id"]: row for row in rows}
 
 
-def artifacts(results: Path) -> dict[str, int]:
-    return {str(p.relative_to(results)): p.stat().st_mtime_ns
-            for p in results.rglob("*") if p.name in ARTIFACTS}
+def row_groups(ids: list[str]) -> dict[str, list[str]]:
+    """{group: its rows}, as rules/common.smk groups the sheet's rows."""
+    chunks = [ids[i:i + BATCH_ROWS] for i in range(0, len(ids), BATCH_ROWS)]
+    return {(c[0] if len(c) == 1 else f"{c[0]}~{c[-1]}"): c for c in chunks}
 
 
 def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, demo_models, slurm_cluster):
     rows = write_batch(tmp_path, demo_models)
+    groups = row_groups(list(rows))
+    assert len(groups) == 2
     results = tmp_path / "results"
     profile = ["--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(tmp_path / "config.yaml"),
                # The plugin polls SLURM this long after a submission, then 10 s, 20 s, ... later
@@ -88,7 +101,8 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     seen_before = {job["id"] for job in slurm_jobs(slurm_cluster)}
 
     # Run 1, without the profile's retries (they would resubmit the cancelled job at once):
-    # cancel the first low-noise sampling job seen running; keep-going finishes the other rows.
+    # cancel the first low-noise sampling job (a group) seen running; keep-going finishes the other
+    # group's rows.
     cmd, env = snakemake_command(tmp_path, *profile, "--retries", "0", local=False, extra_env=slurm_cluster)
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cancelled = None
@@ -104,25 +118,37 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     assert cancelled is not None, f"no sample_low job was seen running:\n{log1[-3000:]}"
     assert first.returncode != 0, log1[-3000:]
     assert "CANCELLED" in log1
-    row = cancelled["row"]
-    assert not (results / row / "latent.safetensors").exists()  # the cancelled job's output
-    assert (results / row / "boundary.safetensors").exists()  # what the row had finished stays
-    for other in set(rows) - {row}:
+    group = cancelled["key"]
+    assert group in groups, cancelled
+    for row in groups[group]:
+        assert not (results / row / "latent.safetensors").exists()  # the cancelled job's outputs
+        assert (results / row / "boundary.safetensors").exists()  # what the row had finished stays
+    for other in set(rows) - set(groups[group]):
         assert (results / other / "video.mp4").stat().st_size > 0, log1[-3000:]
+    # Rows the cancelled job had finished before it was killed are in the store (the rest: none).
+    finished = [row for row in groups[group] if (log := results / "logs" / "sample_low" / f"{row}.log").is_file()
+                and f"row {row}: sample_low done in " in log.read_text()]
 
     run1_jobs = [j for j in slurm_jobs(slurm_cluster) if j["id"] not in seen_before]
-    before = artifacts(results)
+    before = file_ids(tmp_path)  # which file each artifact and video is
 
     # Run 2, the profile as a user runs it: finishes the batch, recomputes nothing finished.
     run_snakemake(tmp_path, *profile, local=False, extra_env=slurm_cluster)
     for row_id in rows:
         assert (results / row_id / "video.mp4").stat().st_size > 0
-    after = artifacts(results)
-    assert {path: after[path] for path in before} == before
+    after = file_ids(tmp_path)
+    assert {path: after[path] for path in before} == before  # nothing finished was made again
     run2_jobs = [j for j in slurm_jobs(slurm_cluster) if j["id"] > max(job["id"] for job in run1_jobs)]
-    redone = [(rule, row) for rule in ("sample_low", "decode", "encode_video", "previews")]
+    redone = [("sample_low", group), ("decode", group)]  # the cancelled group's jobs ...
+    redone += [(rule, row) for rule in ("encode_video", "previews") for row in groups[group]]  # ... its rows'
     redone += [("batch_contact_sheet", ""), ("gallery", "")]  # they gather every row's files
-    assert sorted((j["rule"], j["row"]) for j in run2_jobs) == sorted(redone)
+    assert sorted((j["rule"], j["key"]) for j in run2_jobs) == sorted(redone)
+    for row in groups[group]:  # the rerun group job computed only the rows the cancelled one had not
+        text = (results / "logs" / "sample_low" / f"{row}.log").read_text()
+        if row in finished:
+            assert f"row {row} (" in text and "sample_low reused from the store" in text, text
+        else:
+            assert f"row {row}: sample_low done in " in text, text
 
     # What each job asked SLURM for: one GPU for the GPU rules, none for the mp4 and the report.
     all_jobs = run1_jobs + run2_jobs
@@ -139,9 +165,12 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     overlapping = [(a, b) for i, a in enumerate(gpu_jobs) for b in gpu_jobs[i + 1:]
                    if a["start"] < b["end"] and b["start"] < a["end"]]
     assert overlapping, f"no two GPU jobs ran at once: {gpu_jobs}"
-    cards = {}  # SLURM job id -> CUDA_VISIBLE_DEVICES, from the job logs (last run of each job)
+    cards = {}  # SLURM job id -> CUDA_VISIBLE_DEVICES, from the group jobs' logs (last run of each job)
     for rule in GPU_RULES:
-        for log in (results / "logs" / rule).glob("*.log"):
+        benchmarks = (results / "benchmarks" / rule).glob("*.tsv")
+        job_logs = [results / "logs" / rule / f"{bench.stem}.log" for bench in benchmarks]
+        assert len(job_logs) == 2, job_logs  # a job's benchmark and log share its group's name
+        for log in job_logs:
             found = re.search(r"gpu: assigned by SLURM job (\d+); CUDA_VISIBLE_DEVICES=(\S+)", log.read_text())
             assert found, log
             cards[int(found.group(1))] = found.group(2)
@@ -149,4 +178,4 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     assert checked
     for a, b in checked:
         assert cards[a["id"]] != cards[b["id"]], f"jobs {a} and {b} ran at once on one card"
-    assert "gpu: not requested" in (results / "logs" / "encode_video" / f"{row}.log").read_text()
+    assert "gpu: not requested" in (results / "logs" / "encode_video" / f"{groups[group][0]}.log").read_text()

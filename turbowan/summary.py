@@ -116,6 +116,10 @@ def stage_status(results: str | Path, row: RowLike, stage: str) -> StageStatus:
             match = _FAILED_AFTER.search(log_text)
             return StageStatus(FAILED, float(match[1]) if match else None, error, str(output))
         return StageStatus(MISSING, None, None, str(output))
+    if stage == "encode_video" and not output.exists() and failure_record(stage_output(results, row, "decode")):
+        # A per-row job that was handed an earlier stage's failure record fails on purpose, with
+        # that stage's error ("row X failed in sample_low: ..."): skipped, not a second failure.
+        return StageStatus(MISSING, None, None, str(output))
     exists = output.exists()
     if stage == "decode" and not exists:
         # Frames are temporary: once the mp4 is made from them Snakemake deletes them.
