@@ -176,6 +176,16 @@ MODEL_INPUTS = MODEL_PLAN.inputs
 # A truncated or foreign artifact (a killed copy, a full disk, a hand edit) looks finished to
 # Snakemake, which only sees that the file exists: move it, and what was made from it, aside.
 # Last, so a run stopped by a bad sheet, config or model file leaves results untouched.
-if workflow.is_main_process:
+def only_looking(argv):
+    """Whether this Snakemake call only looks (a dry run, --report, a listing): then nothing is moved.
+    (Snakemake says so only after the Snakefile is read, so the command line tells.)"""
+    looks = {"--dry-run", "--dryrun", "--report", "--summary", "--detailed-summary", "--lint", "--dag",
+             "--rulegraph", "--filegraph", "--list-rules", "--list-target-rules", "--list-changes",
+             "--list-code-changes", "--list-input-changes", "--list-params-changes", "--unlock"}
+    short = [a for a in argv[1:] if a.startswith("-") and not a.startswith("--")]
+    return any(a.split("=")[0] in looks for a in argv[1:]) or any("n" in a[1:] or "l" in a[1:] for a in short)
+
+
+if workflow.is_main_process and not only_looking(sys.argv):
     for moved in sweep(artifacts_and_products()):
         logger.warning(f"Broken artifact: {moved}")

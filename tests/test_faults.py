@@ -75,6 +75,8 @@ def test_truncated_boundary_is_detected_and_only_its_row_recomputed(batch):
     data, mtime = boundary.read_bytes(), boundary.stat().st_mtime_ns
     boundary.write_bytes(data[: len(data) - 100])  # (the store's copy too: it is the same file)
     os.utime(boundary, ns=(mtime, mtime))  # same mtime: Snakemake can't tell
+    snakemake(folder, "-n")  # a dry run only looks: nothing is moved
+    assert boundary.stat().st_size == len(data) - 100 and not boundary.with_name(boundary.name + ".broken").exists()
     out = snakemake(folder)
     assert "face/boundary.safetensors is" in out.stderr and "will remake it" in out.stderr
     after = file_ids(folder)

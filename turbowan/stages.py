@@ -95,7 +95,8 @@ def encode_prompts(
         save_artifact(path, {"text": emb, "length": torch.tensor([length], dtype=torch.int64)},
                       stage="encode_prompt", params=task.params, inputs=task.inputs)
 
-    tasks = [RowTask(row["key"], row["out"], {"prompt": row["prompt"], "text_len": TEXT_LEN}, inputs) for row in rows]
+    params = {"text_len": TEXT_LEN, "dtype": dtype, "device_type": dev.type}
+    tasks = [RowTask(row["key"], row["out"], {"prompt": row["prompt"], **params}, inputs) for row in rows]
     _run("encode_prompt", tasks, compute, store, log_dir, job_log)
     models.drop()
     gc.collect()
@@ -154,6 +155,12 @@ def _with_vae(model_of: Lazy, dev: torch.device, video: Mapping[str, int], fruga
         return work(model)
 
 
+def _vae_task(row: Mapping[str, Any], inputs: dict[str, str], vae_dtype: str, dev: torch.device) -> RowTask:
+    video = _video(row["video"])
+    params = {**video, "vae_dtype": vae_dtype, "device_type": dev.type}
+    return RowTask(row["key"], row["out"], params, inputs, {"video": video})
+
+
 def encode_images(
     rows: list[Mapping[str, Any]], vae: str, device: str = "auto", vae_dtype: str = "auto", frugal: int = 0,
     store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
@@ -163,14 +170,14 @@ def encode_images(
     model = Lazy(lambda: _load_vae(vae, dev, vae_dtype))
 
     def compute(task: RowTask, path: Path) -> None:
-        video = task.params
+        video = task.values["video"]
         pixels = preprocess(open_rgb(task.inputs["image"]), video["width"], video["height"])  # [1, 3, H, W]
         with phase("VAE encode"):
             y = _with_vae(model, dev, video, frugal, lambda m: encode_condition(m, pixels, video["num_frames"]))
         log.info("image %s -> y %s", task.inputs["image"], list(y.shape))
-        save_artifact(path, {"y": y}, stage="encode_image", params=video, inputs=task.inputs)
+        save_artifact(path, {"y": y}, stage="encode_image", params=task.params, inputs=task.inputs)
 
-    tasks = [RowTask(row["key"], row["out"], _video(row["video"]), {"image": row["image"], "vae": vae}) for row in rows]
+    tasks = [_vae_task(row, {"image": row["image"], "vae": vae}, vae_dtype, dev) for row in rows]
     _run("encode_image", tasks, compute, store, log_dir, job_log)
 
 
@@ -190,7 +197,7 @@ def decode_latents(
     model = Lazy(lambda: _load_vae(vae, dev, vae_dtype))
 
     def compute(task: RowTask, path: Path) -> None:
-        video = task.params
+        video = task.values["video"]
         latent = task.inputs["latent"]
         saved, _ = load_artifact(latent, "sample_low", {"x": (latent_shape(**video), torch.float64)}, params=video)
         with phase("VAE decode"):
@@ -199,11 +206,10 @@ def decode_latents(
         if tuple(frames.shape) != expected:
             raise ArtifactError(f"{latent}: decoded to {list(frames.shape)}, expected {list(expected)}")
         with phase("write frames"):
-            made_by = {"latent": fingerprint(latent), "vae": fingerprint(vae), "vae_dtype": vae_dtype}
+            made_by = {"latent": fingerprint(latent), "vae": fingerprint(vae), "params": task.params}
             save_frames(frames, path, made_by)
 
-    tasks = [RowTask(row["key"], row["out"], _video(row["video"]), {"latent": row["latent"], "vae": vae})
-             for row in rows]
+    tasks = [_vae_task(row, {"latent": row["latent"], "vae": vae}, vae_dtype, dev) for row in rows]
     _run("decode", tasks, compute, store, log_dir, job_log)
 
 
@@ -251,10 +257,12 @@ def _run_expert(model: Lazy, expert: str, name: str, state: SamplerState, t: tor
     return run_steps(state, dit_velocity(transformer, text_emb, y, resolve_dtype(dtype)), t, stop, ode, name)
 
 
-def _sampling_task(row: Mapping[str, Any], attn: dict, dev: torch.device, inputs: dict[str, str]) -> RowTask:
+def _sampling_task(
+    row: Mapping[str, Any], attn: dict, dtype: str, dev: torch.device, inputs: dict[str, str]
+) -> RowTask:
     sampling, video = _sampling(row["sampling"]), _video(row["video"])
-    return RowTask(row["key"], row["out"], {**sampling, **video, **attn, "device_type": dev.type}, inputs,
-                   {"sampling": sampling, "video": video})
+    params = {**sampling, **video, **attn, "dtype": dtype, "device_type": dev.type}
+    return RowTask(row["key"], row["out"], params, inputs, {"sampling": sampling, "video": video})
 
 
 def sample_high_rows(
@@ -288,7 +296,7 @@ def sample_high_rows(
                 stage="sample_high", params=task.params, inputs=task.inputs,
             )
 
-    tasks = [_sampling_task(row, attn, dev, {"text": row["text"], "cond": row["cond"], "expert": expert})
+    tasks = [_sampling_task(row, attn, dtype, dev, {"text": row["text"], "cond": row["cond"], "expert": expert})
              for row in rows]
     _run("sample_high", tasks, compute, store, log_dir, job_log)
 
@@ -331,7 +339,7 @@ def sample_low_rows(
 
     tasks = []
     for row in rows:
-        task = _sampling_task(row, attn, dev, {"boundary": row["boundary"], "expert": expert})
+        task = _sampling_task(row, attn, dtype, dev, {"boundary": row["boundary"], "expert": expert})
         task.values.update(text=row["text"], cond=row["cond"])
         tasks.append(task)
     _run("sample_low", tasks, compute, store, log_dir, job_log)
