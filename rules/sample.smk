@@ -36,6 +36,7 @@ for group, ids in ROW_GROUPS.items():
             dtype=config["dtype"],
             attention=config["attention"],
             sla_topk=config["sla_topk"],
+            ffn_chunks=config["ffn_chunks"],
             store=STORE,
             log_dir=f"{RESULTS}/logs/sample_high",
         log:
@@ -66,6 +67,7 @@ for group, ids in ROW_GROUPS.items():
             dtype=config["dtype"],
             attention=config["attention"],
             sla_topk=config["sla_topk"],
+            ffn_chunks=config["ffn_chunks"],
             store=STORE,
             log_dir=f"{RESULTS}/logs/sample_low",
         log:

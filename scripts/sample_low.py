@@ -10,6 +10,7 @@ run_stage(
     dtype=snakemake.params.dtype,
     attention=snakemake.params.attention,
     sla_topk=snakemake.params.sla_topk,
+    ffn_chunks=snakemake.params.ffn_chunks,
     store=snakemake.params.store,
     log_dir=snakemake.params.log_dir,
     job_log=snakemake.log[0],

@@ -93,3 +93,23 @@ def test_truncated_and_missing_files_are_named(tmp_path, demo_models):
         load_vae(tmp_path / "cut.safetensors", torch.device("cpu"))
     with pytest.raises(CheckpointError, match="nothere.safetensors: model file not found"):
         load_vae(tmp_path / "nothere.safetensors", torch.device("cpu"))
+
+
+def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activations(demo_models):
+    from turbowan.models import ChunkedFeedForward
+
+    cpu = torch.device("cpu")
+    whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", ffn_chunks=1)
+    sliced = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", ffn_chunks=3)
+    assert all(isinstance(block.ffn, ChunkedFeedForward) and block.ffn.chunks == 3 for block in sliced.blocks)
+    widths = []  # tokens reaching the FFN's wide hidden layer, per call
+    sliced.blocks[0].ffn.ffn.net[0].register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 36, 2, 8, 12, generator=gen)  # 2 x 4 x 6 = 48 tokens after 1x2x2 patches
+    text = torch.randn(1, 16, whole.config.text_dim, generator=gen)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        expected = whole(x, t, text, return_dict=False)[0]
+        got = sliced(x, t, text, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert widths == [16, 16, 16]

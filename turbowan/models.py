@@ -103,6 +103,42 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
 # --------------------------------------------------------------------------- the DiT experts
 
 
+class ChunkedFeedForward(torch.nn.Module):
+    """A block's feed-forward run over `chunks` slices of the sequence, one after another.
+
+    Its 13824-wide hidden activations (2 GB per tensor for the 75,600 tokens of a 720p video) then
+    exist for one slice at a time. The feed-forward works token by token, so the result is the same.
+    """
+
+    def __init__(self, ffn: torch.nn.Module, chunks: int):
+        super().__init__()
+        self.ffn, self.chunks = ffn, chunks
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, L, D]
+        parts = hidden_states.chunk(self.chunks, dim=1)
+        return torch.cat([self.ffn(part) for part in parts], dim=1)
+
+
+# Cards with less memory than this (24 GB consumer cards) get their experts' feed-forwards chunked.
+SMALL_CARD_BYTES = 40 * 1024**3
+
+
+def ffn_chunks_for(setting: int | str, device: torch.device) -> int:
+    """'auto': 8 slices on a card under 40 GB (with int8 experts a 720p job then fits 24 GB), else 1."""
+    if setting != "auto":
+        return max(1, int(setting))
+    if device.type != "cuda":
+        return 1
+    return 8 if torch.cuda.get_device_properties(device).total_memory < SMALL_CARD_BYTES else 1
+
+
+def chunk_feed_forward(model: torch.nn.Module, chunks: int) -> None:
+    """Wrap every transformer block's `ffn` (after the weights are in: the wrapper renames its keys)."""
+    if chunks > 1:
+        for block in model.blocks:
+            block.ffn = ChunkedFeedForward(block.ffn, chunks)
+
+
 def load_transformer(
     path: str | Path,
     device: torch.device,
@@ -110,6 +146,7 @@ def load_transformer(
     attention: str = "auto",
     sla_topk: float = 0.1,
     kernels: bool = True,
+    ffn_chunks: int | str = "auto",
 ):
     """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
 
@@ -117,7 +154,7 @@ def load_transformer(
     modulation tables) and SLA's proj_l, which stay float32 as REFERENCE.md section 4 recommends;
     int8 layers keep their int8 weights and float32 scales (turbowan.int8). `attention`:
     auto | sla | sagesla | sdpa (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a
-    GPU with turbodiffusion (for comparisons).
+    GPU with turbodiffusion (for comparisons). ffn_chunks: see ffn_chunks_for.
     """
     from diffusers import WanTransformer3DModel
 
@@ -152,11 +189,14 @@ def load_transformer(
 
     state = _stream_state_dict(info, table, device, dtype_for, transform)
     _assign(model, state, path)
+    chunks = ffn_chunks_for(ffn_chunks, device)
+    chunk_feed_forward(model, chunks)
     model.to(device).eval().requires_grad_(False)
     log.info(
-        "loaded expert %s: %s; attention %s (%s, topk %s)%s in %s",
+        "loaded expert %s: %s; attention %s (%s, topk %s)%s%s in %s",
         path, info.describe(), mode, implementation, sla_topk,
-        f"; int8 linears via {int8_backend}" if int8_backend else "", took(path, started),
+        f"; int8 linears via {int8_backend}" if int8_backend else "",
+        f"; feed-forward in {chunks} slices of the sequence" if chunks > 1 else "", took(path, started),
     )
     if mode == "sdpa" and info.sla:
         log.warning("%s carries SLA weights, but attention is sdpa: the SLA linear branch is dropped", path)

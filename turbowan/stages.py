@@ -241,10 +241,10 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
         )
 
 
-def _expert(expert: str, dev: torch.device, dtype: str, attn: dict) -> Lazy:
+def _expert(expert: str, dev: torch.device, dtype: str, attn: dict, ffn_chunks: int | str) -> Lazy:
     def load():
         with phase("load expert"):
-            return load_transformer(expert, dev, resolve_dtype(dtype), **attn)
+            return load_transformer(expert, dev, resolve_dtype(dtype), **attn, ffn_chunks=ffn_chunks)
 
     return Lazy(load)
 
@@ -268,13 +268,13 @@ def _sampling_task(
 def sample_high_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
     attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, log_dir: str | None = None,
-    job_log: str | None = None,
+    job_log: str | None = None, ffn_chunks: int | str = "auto",
 ) -> None:
     """rows: [{key, text, cond, sampling, video, out}]. Start each row's sampling and run its
     high-noise steps; save x, the generator and the next step."""
     attn = {"attention": attention, "sla_topk": float(sla_topk)}
     dev = resolve_device(device)
-    model = _expert(expert, dev, dtype, attn)
+    model = _expert(expert, dev, dtype, attn, ffn_chunks)
 
     def compute(task: RowTask, path: Path) -> None:
         sampling, video = task.values["sampling"], task.values["video"]
@@ -304,13 +304,13 @@ def sample_high_rows(
 def sample_low_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
     attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, log_dir: str | None = None,
-    job_log: str | None = None,
+    job_log: str | None = None, ffn_chunks: int | str = "auto",
 ) -> None:
     """rows: [{key, text, cond, boundary, sampling, video, out}]. Restore the state saved by
     sample_high and run the remaining (low-noise) steps."""
     attn = {"attention": attention, "sla_topk": float(sla_topk)}
     dev = resolve_device(device)
-    model = _expert(expert, dev, dtype, attn)
+    model = _expert(expert, dev, dtype, attn, ffn_chunks)
 
     def compute(task: RowTask, path: Path) -> None:
         sampling, video = task.values["sampling"], task.values["video"]
