@@ -122,10 +122,6 @@ def group_resources(stage, rows):
     }
 
 
-def group_log(stage, group):
-    return log_path(stage, group)
-
-
 def frames_output(row_id):
     """Decoded frames are temporary unless the config keeps them."""
     frames = directory(row_path(row_id, "frames"))

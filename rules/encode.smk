@@ -17,9 +17,8 @@ for group, keys in PROMPT_GROUPS.items():
             device=config["device"],
             dtype=config["dtype"],
             store=STORE,
-            log_dir=f"{RESULTS}/logs/encode_prompt",
         log:
-            group_log("encode_prompt", group),
+            log_path("encode_prompt", group),
         benchmark:
             benchmark_path("encode_prompt", group)
         resources:
@@ -48,9 +47,8 @@ for group, ids in ROW_GROUPS.items():
             device=config["device"],
             vae_dtype=config["vae_dtype"],
             store=STORE,
-            log_dir=f"{RESULTS}/logs/encode_image",
         log:
-            group_log("encode_image", group),
+            log_path("encode_image", group),
         benchmark:
             benchmark_path("encode_image", group)
         retries: 1

@@ -3,17 +3,18 @@
 # group's high steps first.
 
 
-def sampling_rows(ids, **inputs):
-    """A group's rows as the sampling stages take them: paths by name, the row's values, the output."""
+def sampling_rows(ids, out, also=()):
+    """A group's rows as the sampling stages take them: paths by name (text, cond and the artifacts
+    named in `also`), the row's values, and its output file `out`."""
     return [
         {
             "key": i,
             "text": text_for_row(i),
             "cond": row_path(i, "cond.safetensors"),
-            **{name: row_path(i, f"{name}.safetensors") for name in inputs.get("also", ())},
+            **{name: row_path(i, f"{name}.safetensors") for name in also},
             "sampling": ROWS[i].sampling(),
             "video": ROWS[i].video(),
-            "out": row_path(i, inputs["out"]),
+            "out": row_path(i, out),
         }
         for i in ids
     ]
@@ -31,16 +32,15 @@ for group, ids in ROW_GROUPS.items():
         output:
             [row_path(i, "boundary.safetensors") for i in ids],
         params:
-            rows=sampling_rows(ids, out="boundary.safetensors"),
+            rows=sampling_rows(ids, "boundary.safetensors"),
             device=config["device"],
             dtype=config["dtype"],
             attention=config["attention"],
             sla_topk=config["sla_topk"],
             ffn_chunks=config["ffn_chunks"],
             store=STORE,
-            log_dir=f"{RESULTS}/logs/sample_high",
         log:
-            group_log("sample_high", group),
+            log_path("sample_high", group),
         benchmark:
             benchmark_path("sample_high", group)
         priority: 10
@@ -62,16 +62,15 @@ for group, ids in ROW_GROUPS.items():
         output:
             [row_path(i, "latent.safetensors") for i in ids],
         params:
-            rows=sampling_rows(ids, also=("boundary",), out="latent.safetensors"),
+            rows=sampling_rows(ids, "latent.safetensors", also=("boundary",)),
             device=config["device"],
             dtype=config["dtype"],
             attention=config["attention"],
             sla_topk=config["sla_topk"],
             ffn_chunks=config["ffn_chunks"],
             store=STORE,
-            log_dir=f"{RESULTS}/logs/sample_low",
         log:
-            group_log("sample_low", group),
+            log_path("sample_low", group),
         benchmark:
             benchmark_path("sample_low", group)
         priority: 5

@@ -21,9 +21,8 @@ for group, ids in ROW_GROUPS.items():
             device=config["device"],
             vae_dtype=config["vae_dtype"],
             store=STORE,
-            log_dir=f"{RESULTS}/logs/decode",
         log:
-            group_log("decode", group),
+            log_path("decode", group),
         benchmark:
             benchmark_path("decode", group)
         retries: 1

@@ -10,6 +10,5 @@ run_stage(
     vae_dtype=snakemake.params.vae_dtype,
     frugal=snakemake.resources.frugal,
     store=snakemake.params.store,
-    log_dir=snakemake.params.log_dir,
     job_log=snakemake.log[0],
 )

@@ -10,6 +10,5 @@ run_stage(
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
     store=snakemake.params.store,
-    log_dir=snakemake.params.log_dir,
     job_log=snakemake.log[0],
 )

@@ -12,6 +12,5 @@ run_stage(
     sla_topk=snakemake.params.sla_topk,
     ffn_chunks=snakemake.params.ffn_chunks,
     store=snakemake.params.store,
-    log_dir=snakemake.params.log_dir,
     job_log=snakemake.log[0],
 )

@@ -154,12 +154,8 @@ def quick_check(path: str | os.PathLike) -> str | None:
         expected = 8 + header_len + max(ends, default=0)
         if path.stat().st_size != expected:
             return f"is {path.stat().st_size} bytes, its header says {expected} (truncated or padded)"
-        meta = header.get("__metadata__") or {}
-        if META_KEY not in meta:
+        if META_KEY not in (header.get("__metadata__") or {}):
             return f"has no '{META_KEY}' record"
-        record = json.loads(meta[META_KEY])
-        if record.get("stage") == FAILED_STAGE:
-            return f"records that row {record.get('row')} failed in {record.get('failed_stage')}"
     except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
         return f"cannot be parsed as safetensors ({err.__class__.__name__}: {err})"
     return None
@@ -196,8 +192,8 @@ def sweep(artifacts: Iterable[tuple[str | os.PathLike, list[str | os.PathLike]]]
         if not (problem or failed):
             continue
         if failed:  # holds no data: remove it, so the row is tried again
-            problem = f"records that row {failed['row']} failed in {failed['failed_stage']}"
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            problem = f"records that {failure_words(failed)}"
+            remove(path)
             aside = None
         else:
             aside = quarantine(path, problem)
@@ -264,7 +260,7 @@ def load_artifact(
         raise ArtifactError(f"{path}: missing")
     record = read_record(path)
     if record.get("stage") == FAILED_STAGE:
-        raise ArtifactError(f"{path}: row {record.get('row')} failed in {record.get('failed_stage')}: {record.get('error')}")
+        raise ArtifactError(f"{path}: {failure_words(record)}: {record.get('error')}")
     if record.get("stage") != stage:
         raise ArtifactError(f"{path}: written by stage {record.get('stage')!r}, expected {stage!r}")
     try:
@@ -339,6 +335,17 @@ def failure_record(path: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, struct.error, ValueError, AttributeError):
         return None
     return record if record.get("stage") == FAILED_STAGE else None
+
+
+def failure_words(record: Mapping[str, Any]) -> str:
+    """"row X failed in <stage>", for messages about a failure record."""
+    return f"row {record.get('row')} failed in {record.get('failed_stage')}"
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file, or a folder with what it holds."""
+    path = Path(path)
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def write_failure(path: str | os.PathLike, failed_stage: str, row: str, error: str) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .artifacts import FAILED_STAGE, atomic_dir, check_digest, failure_record, fingerprint, write_failure
+from .artifacts import atomic_dir, check_digest, failure_record, fingerprint, remove, write_failure
 from .jobs import injected_fault
 
 log = logging.getLogger("turbowan.batch")
@@ -81,15 +81,14 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def damaged(entry: Path) -> str | None:
     """Why a store entry cannot be reused (a file changed in place through one of its links), or None."""
-    from .video import FRAMES_INFO  # (not at the top: the Snakefile imports this module)
+    if entry.is_dir():  # frames
+        from .video import VideoError, load_frames  # (not at the top: the Snakefile imports this module)
 
-    if entry.is_dir():
-        info = entry / FRAMES_INFO
-        if not info.is_file():
-            return f"has no {FRAMES_INFO}"
-        count = json.loads(info.read_text()).get("count")
-        pngs = len(list(entry.glob("*.png")))
-        return None if pngs == count else f"holds {pngs} frames, its record says {count}"
+        try:
+            load_frames(entry)
+        except VideoError as err:
+            return str(err)
+        return None
     with open(entry, "rb") as f:
         is_safetensors = f.read(8) != b"" and f.read(1) == b"{"
     if is_safetensors:
@@ -98,11 +97,11 @@ def damaged(entry: Path) -> str | None:
 
 
 @contextmanager
-def row_log(log_dir: str | None, key: str, job_log: str | None) -> Iterator[None]:
-    """Copy what happens to one row into its own log, `<log_dir>/<key>.log` (where summaries look),
-    unless that is the job's log already (a group of one)."""
-    path = Path(log_dir, f"{key}.log") if log_dir else None
-    if path is None or (job_log and path.resolve() == Path(job_log).resolve()):
+def row_log(key: str, job_log: str | None) -> Iterator[None]:
+    """Copy what happens to one row into its own log, `<key>.log` beside the job's log (where
+    summaries look), unless that is the job's log already (a group of one)."""
+    path = Path(job_log).with_name(f"{key}.log") if job_log else None
+    if path is None or path == Path(job_log):
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +121,6 @@ def run_rows(
     tasks: list[RowTask],
     compute: Callable[[RowTask, Path], None],
     store: str | os.PathLike,
-    log_dir: str | None = None,
     job_log: str | None = None,
 ) -> dict[str, str]:
     """Give every task its output: linked from the store when it is there, else computed into it.
@@ -135,7 +133,7 @@ def run_rows(
     failures: dict[str, tuple[RowTask, str]] = {}
     for number, task in enumerate(tasks, 1):
         out = Path(task.out)
-        with row_log(log_dir, task.key, job_log):
+        with row_log(task.key, job_log):
             upstream = next((rec for p in task.inputs.values() if (rec := failure_record(p))), None)
             if upstream:
                 write_failure(out, upstream["failed_stage"], task.key, upstream["error"])
@@ -148,7 +146,7 @@ def run_rows(
                 entry = folder / store_key(stage, task.params, task.inputs)
                 if entry.exists() and (problem := damaged(entry)):
                     log.warning("row %s: the stored result %s %s; computing it again", task.key, entry, problem)
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    remove(entry)
                 if entry.exists():
                     link_into(entry, out)
                     log.info("row %s (%d/%d): %s reused from the store (%s)", task.key, number, len(tasks), stage,
@@ -189,10 +187,10 @@ def collect_garbage(store: str | os.PathLike) -> tuple[int, int]:
             files = list(entry.iterdir()) if entry.is_dir() else [entry]
             stats = [f.stat() for f in files]
             if all(st.st_nlink == 1 for st in stats):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                remove(entry)
                 removed += 1
                 freed += sum(st.st_size for st in stats)
     return removed, freed
 
 
-__all__ = ["collect_garbage", "FAILED_STAGE", "RowFailed", "RowTask", "link_into", "run_rows", "store_key"]
+__all__ = ["collect_garbage", "RowFailed", "RowTask", "link_into", "run_rows", "store_key"]

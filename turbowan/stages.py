@@ -13,7 +13,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .artifacts import ArtifactError, check_made_from, failure_record, fingerprint, load_artifact, save_artifact
+from .artifacts import (
+    ArtifactError, check_made_from, failure_record, failure_words, fingerprint, load_artifact, save_artifact,
+)
 from .batch import RowTask, run_rows
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
@@ -62,20 +64,20 @@ class Lazy:
         self._value = None
 
 
-def _run(stage: str, tasks: list[RowTask], compute, store, log_dir, job_log) -> None:
+def _run(stage: str, tasks: list[RowTask], compute, store, job_log) -> None:
     """Run a group's rows; without a store (a direct call, a test) compute straight into the output."""
     if store is None:
         for task in tasks:
             compute(task, Path(task.out))
         return
-    run_rows(stage, tasks, compute, store, log_dir, job_log)
+    run_rows(stage, tasks, compute, store, job_log)
 
 
 # --- encode_prompt: prompt text -> umT5 embedding -----------------------------------------------
 
 def encode_prompts(
     rows: list[Mapping[str, Any]], text_encoder: str, tokenizer: str, device: str = "auto",
-    dtype: str = "bfloat16", store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
+    dtype: str = "bfloat16", store: str | None = None, job_log: str | None = None,
 ) -> None:
     """rows: [{key, prompt, out}]; umT5 is loaded once for the group and freed at the end."""
     dev = resolve_device(device)
@@ -97,7 +99,7 @@ def encode_prompts(
 
     params = {"text_len": TEXT_LEN, "dtype": dtype, "device_type": dev.type}
     tasks = [RowTask(row["key"], row["out"], {"prompt": row["prompt"], **params}, inputs) for row in rows]
-    _run("encode_prompt", tasks, compute, store, log_dir, job_log)
+    _run("encode_prompt", tasks, compute, store, job_log)
     models.drop()
     gc.collect()
     release(dev)  # umT5 (11 GB) leaves the GPU before anything else runs there
@@ -163,7 +165,7 @@ def _vae_task(row: Mapping[str, Any], inputs: dict[str, str], vae_dtype: str, de
 
 def encode_images(
     rows: list[Mapping[str, Any]], vae: str, device: str = "auto", vae_dtype: str = "auto", frugal: int = 0,
-    store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
+    store: str | None = None, job_log: str | None = None,
 ) -> None:
     """rows: [{key, image, video, out}] -> each row's conditioning y."""
     dev = resolve_device(device)
@@ -178,7 +180,7 @@ def encode_images(
         save_artifact(path, {"y": y}, stage="encode_image", params=task.params, inputs=task.inputs)
 
     tasks = [_vae_task(row, {"image": row["image"], "vae": vae}, vae_dtype, dev) for row in rows]
-    _run("encode_image", tasks, compute, store, log_dir, job_log)
+    _run("encode_image", tasks, compute, store, job_log)
 
 
 def encode_image(
@@ -190,7 +192,7 @@ def encode_image(
 
 def decode_latents(
     rows: list[Mapping[str, Any]], vae: str, device: str = "auto", vae_dtype: str = "auto", frugal: int = 0,
-    store: str | None = None, log_dir: str | None = None, job_log: str | None = None,
+    store: str | None = None, job_log: str | None = None,
 ) -> None:
     """rows: [{key, latent, video, out}] -> each row's frames folder (lossless PNG)."""
     dev = resolve_device(device)
@@ -210,7 +212,7 @@ def decode_latents(
             save_frames(frames, path, made_by)
 
     tasks = [_vae_task(row, {"latent": row["latent"], "vae": vae}, vae_dtype, dev) for row in rows]
-    _run("decode", tasks, compute, store, log_dir, job_log)
+    _run("decode", tasks, compute, store, job_log)
 
 
 def decode(
@@ -267,8 +269,8 @@ def _sampling_task(
 
 def sample_high_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
-    attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, log_dir: str | None = None,
-    job_log: str | None = None, ffn_chunks: int | str = "auto",
+    attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, job_log: str | None = None,
+    ffn_chunks: int | str = "auto",
 ) -> None:
     """rows: [{key, text, cond, sampling, video, out}]. Start each row's sampling and run its
     high-noise steps; save x, the generator and the next step."""
@@ -298,13 +300,13 @@ def sample_high_rows(
 
     tasks = [_sampling_task(row, attn, dtype, dev, {"text": row["text"], "cond": row["cond"], "expert": expert})
              for row in rows]
-    _run("sample_high", tasks, compute, store, log_dir, job_log)
+    _run("sample_high", tasks, compute, store, job_log)
 
 
 def sample_low_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
-    attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, log_dir: str | None = None,
-    job_log: str | None = None, ffn_chunks: int | str = "auto",
+    attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, job_log: str | None = None,
+    ffn_chunks: int | str = "auto",
 ) -> None:
     """rows: [{key, text, cond, boundary, sampling, video, out}]. Restore the state saved by
     sample_high and run the remaining (low-noise) steps."""
@@ -342,7 +344,7 @@ def sample_low_rows(
         task = _sampling_task(row, attn, dtype, dev, {"boundary": row["boundary"], "expert": expert})
         task.values.update(text=row["text"], cond=row["cond"])
         tasks.append(task)
-    _run("sample_low", tasks, compute, store, log_dir, job_log)
+    _run("sample_low", tasks, compute, store, job_log)
 
 
 def sample_high(
@@ -372,7 +374,7 @@ def encode_video(
     video = _video(video)
     failed = failure_record(frames_dir)
     if failed:  # the row failed earlier in its group: this, its last stage, fails with that error
-        raise ArtifactError(f"row {failed['row']} failed in {failed['failed_stage']}: {failed['error']}")
+        raise ArtifactError(f"{failure_words(failed)}: {failed['error']}")
 
     def compute(task: RowTask, path: Path) -> None:
         files, info = load_frames(frames_dir)
@@ -387,4 +389,4 @@ def encode_video(
     # the frames' record names the decode that made them (latent, VAE, dtype): it stands for their content
     task = RowTask(key, out, {**video, "fps": int(fps), "quality": int(quality)},
                    {"frames": str(Path(frames_dir) / FRAMES_INFO)})
-    _run("encode_video", [task], compute, store, None, None)
+    _run("encode_video", [task], compute, store, None)
