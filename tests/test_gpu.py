@@ -47,3 +47,18 @@ def test_pinned_read_ahead_to_the_gpu_gives_the_files_tensors(tmp_path):
         got = list(f.to_device(list(tensors), torch.device("cuda"), slab_bytes=16 * 1024, slabs=3))
     for name, tensor in got:
         assert tensor.is_cuda and torch.equal(tensor.cpu(), tensors[name]), name
+
+
+def test_sliced_feed_forward_matches_the_whole_one_on_cuda(demo_models):
+    from turbowan.models import load_transformer
+
+    cuda = torch.device("cuda")
+    whole = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", ffn_chunks=1)
+    sliced = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", ffn_chunks=4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 36, 2, 8, 12, generator=gen).to(cuda)
+    text = torch.randn(1, 16, whole.config.text_dim, generator=gen).to(cuda)
+    t = torch.tensor([500.0], device=cuda)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(x, t, text, return_dict=False)[0], whole(x, t, text, return_dict=False)[0],
+                                   rtol=1e-4, atol=1e-4)
