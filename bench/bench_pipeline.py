@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,23 @@ def _random_state(module: torch.nn.Module, device: str) -> dict[str, torch.Tenso
     return state
 
 
-def make_models(folder: Path) -> dict[str, str]:
+def write_int8_expert(bf16: Path, out: Path) -> None:
+    """The bf16 expert in TurboDiffusion's int8 format, quantised on the GPU one tensor at a time."""
+    from safetensors.torch import save_file
+
+    from turbowan.int8 import quantize_expert
+    from turbowan.safetensors_io import SafetensorsFile
+
+    started = time.perf_counter()
+    tensors = {}
+    with SafetensorsFile(bf16) as f:
+        for key in f.keys():
+            tensors.update({k: v.cpu() for k, v in quantize_expert({key: f.get_tensor(key).cuda()}).items()})
+    save_file(tensors, str(out))
+    print(f"int8 expert written in {time.perf_counter() - started:.0f} s: {out}", flush=True)
+
+
+def make_models(folder: Path, int8: bool = False) -> dict[str, str]:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from safetensors.torch import save_file
@@ -91,6 +108,12 @@ def make_models(folder: Path) -> dict[str, str]:
         del official
     if not paths["low"].exists():
         os.link(paths["high"], paths["low"])  # same weights under the low expert's name
+    if int8:
+        paths["high"], paths["low"] = folder / "high-int8.safetensors", folder / "low-int8.safetensors"
+        if not paths["high"].exists():
+            write_int8_expert(folder / "high.safetensors", paths["high"])
+        if not paths["low"].exists():
+            os.link(paths["high"], paths["low"])
     if not paths["text_encoder"].exists():
         with init_empty_weights():
             t5 = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
@@ -142,13 +165,14 @@ def make_rows(folder: Path, n: int, resolution: str, frames: int, steps: int, ti
 
 GPU_STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode")
 STAGES = GPU_STAGES + ("encode_video",)
-DONE = re.compile(r"(\w+) done in ([\d.]+) s; peak host RSS ([\d.]+) GB(?:, peak GPU memory ([\d.]+) GB)?")
+DONE = re.compile(r"(\w+) done in ([\d.]+) s; peak host RSS ([\d.]+) GB"
+                  r"(?:, peak GPU memory ([\d.]+) GB(?: \(reserved ([\d.]+) GB\))?)?")
 LOADED = re.compile(r"loaded (expert|VAE|text encoder) .* in ([\d.]+) s")
 CARD = re.compile(r"device: cuda:\d+ (.*?) uuid=(\S+)")
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 
-def write_batch(folder: Path, rows: list[dict], models: dict, batch_rows: int, attention: str) -> Path:
+def write_batch(folder: Path, rows: list[dict], models: dict, batch_rows: int, attention: str, settings: dict) -> Path:
     """The sheet and config a user would write for these rows; returns the config file."""
     import csv
 
@@ -163,7 +187,7 @@ def write_batch(folder: Path, rows: list[dict], models: dict, batch_rows: int, a
                              r["video"]["width"], r["video"]["height"], r["sampling"]["num_steps"]])
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(sheet=str(folder / "sheet.csv"), results=str(folder / "results"), batch_rows=batch_rows,
-                  attention=attention, prepared_models=str(folder / "prepared"))
+                  attention=attention, prepared_models=str(folder / "prepared"), **settings)
     config["models"] = {k: models[k] for k in ("high", "low", "vae", "text_encoder", "tokenizer")}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return folder / "config.yaml"
@@ -195,6 +219,7 @@ def read_jobs(results: Path) -> list[dict]:
                              load=sum(float(m[2]) for line in lines if (m := LOADED.search(line))),
                              rss=float(done[3]) if done else float("nan"),
                              gpu=float(done[4] or 0) if done else float("nan"),
+                             reserved=float(done[5] or 0) if done else float("nan"),
                              card=(card[2] if card else ""), start=min(stamps), end=max(stamps)))
     return jobs
 
@@ -211,9 +236,10 @@ def check_cards(jobs: list[dict]) -> str:
             f"cards: {side_by_side}; on one card: {len(clashes)} {clashes[:3]}")
 
 
-def run_pipeline(rows, models, folder: Path, gpus: int, batch_rows: int, attention: str) -> tuple[float, list]:
+def run_pipeline(rows, models, folder: Path, gpus: int, batch_rows: int, attention: str,
+                 settings: dict) -> tuple[float, list]:
     """`snakemake --cores N --resources gpu=G` on the rows' sheet, as a user runs it."""
-    config = write_batch(folder, rows, models, batch_rows, attention)
+    config = write_batch(folder, rows, models, batch_rows, attention, settings)
     cmd = ["snakemake", *(str(folder / "results" / r["id"] / "video.mp4") for r in rows),  # videos, not the report
            "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile", str(config),
            "--cores", str(4 * gpus + 4), "--resources", f"gpu={gpus}", "--scheduler", "greedy", "--quiet", "rules"]
@@ -228,20 +254,21 @@ def run_pipeline(rows, models, folder: Path, gpus: int, batch_rows: int, attenti
 
 
 def stage_table(jobs: list[dict], n: int) -> str:
-    lines = ["| stage | jobs | job wall s (sum) | s/video | model load s (sum) | peak GPU GB | peak RSS GB |",
+    lines = ["| stage | jobs | job wall s (sum) | s/video | model load s (sum) | peak GPU GB (reserved) | peak RSS GB |",
              "|---|---|---|---|---|---|---|"]
     for stage in STAGES:
         mine = [j for j in jobs if j["stage"] == stage]
         if mine:
             wall = sum(j["wall"] for j in mine)
             lines.append(f"| {stage} | {len(mine)} | {wall:.1f} | {wall / n:.1f} | {sum(j['load'] for j in mine):.1f} | "
-                         f"{max(j['gpu'] for j in mine):.1f} | {max(j['rss'] for j in mine):.1f} |")
+                         f"{max(j['gpu'] for j in mine):.1f} ({max(j['reserved'] for j in mine):.1f}) | "
+                         f"{max(j['rss'] for j in mine):.1f} |")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- reference
 
-def run_reference(rows, models, out: Path, attention: str) -> float:
+def run_reference(rows, models, out: Path, attention: str, settings: dict) -> float:
     """All rows in one process: umT5 once, VAE once, both experts loaded once, no artifacts."""
     from turbowan.image import open_rgb, preprocess
     from turbowan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
@@ -251,6 +278,7 @@ def run_reference(rows, models, out: Path, attention: str) -> float:
     from turbowan.vae import decode_frames, encode_condition
     from turbowan.video import save_frames, load_frames, write_mp4
 
+    from turbowan.compiled import compile_wanted
     from turbowan.devices import resolve_device
 
     dev = resolve_device("auto")
@@ -265,8 +293,10 @@ def run_reference(rows, models, out: Path, attention: str) -> float:
     vae = load_vae(models["vae"], dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     ys = {r["id"]: encode_condition(vae, preprocess(open_rgb(r["image"]), r["video"]["width"], r["video"]["height"]),
                                     r["video"]["num_frames"]) for r in rows}
-    high = load_transformer(models["high"], dev, attention=attention)
-    low = load_transformer(models["low"], dev, attention=attention)
+    expert = dict(attention=attention, ffn_chunks=settings["ffn_chunks"],
+                  compile=compile_wanted(settings["compile"], dev))
+    high = load_transformer(models["high"], dev, **expert)
+    low = load_transformer(models["low"], dev, **expert)
     latents = {}
     for r in rows:
         s = r["sampling"]
@@ -276,11 +306,19 @@ def run_reference(rows, models, out: Path, attention: str) -> float:
             latent_shape(**r["video"]), s["seed"], s["num_steps"], s["sigma_max"], s["boundary"], s["ode"], dev)
     del high, low
     torch.cuda.empty_cache()
-    for r in rows:
-        frames = decode_frames(vae, latents[r["id"]])
-        save_frames(frames, out / r["id"] / "frames", {})
+
+    def encode_video(r: dict) -> None:
         files, _ = load_frames(out / r["id"] / "frames")
         write_mp4(files, out / r["id"] / "video.mp4", r["video"]["width"], r["video"]["height"], 16, 8)
+
+    with ThreadPoolExecutor(max_workers=4) as mp4s:  # the mp4s are made on the CPU while the GPU decodes on
+        made = []
+        for r in rows:
+            frames = decode_frames(vae, latents[r["id"]])
+            save_frames(frames, out / r["id"] / "frames", {})
+            made.append(mp4s.submit(encode_video, r))
+        for future in made:
+            future.result()
     sync()
     return time.perf_counter() - started
 
@@ -296,22 +334,31 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1, help="the pipeline's --resources gpu=N")
     parser.add_argument("--batch-rows", type=int, default=4)
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--int8", action="store_true", help="int8 experts (written from the bf16 one)")
+    parser.add_argument("--ffn-chunks", default="auto", help="config ffn_chunks")
+    parser.add_argument("--compile", default="auto", help="config compile: auto | true | false")
     parser.add_argument("--tag", default="", help="name of this run's folder (default: resolution, rows, time)")
     parser.add_argument("--tiny", action="store_true", help="demo-size models on any device: checks the script")
     args = parser.parse_args()
 
-    models = make_tiny_models(args.workdir / "tiny-models") if args.tiny else make_models(args.workdir / "models")
+    models = (make_tiny_models(args.workdir / "tiny-models") if args.tiny
+              else make_models(args.workdir / "models", args.int8))
+    ffn_chunks = args.ffn_chunks if args.ffn_chunks == "auto" else int(args.ffn_chunks)
+    compile_setting = {"true": True, "false": False}.get(args.compile, args.compile)
+    settings = {"ffn_chunks": ffn_chunks, "compile": compile_setting}
     if args.what == "models":
         return
     run_dir = args.workdir / (args.tag or f"{args.resolution}-{args.rows}rows-{int(time.time())}")
     rows = make_rows(run_dir, args.rows, args.resolution, args.frames, args.steps, args.tiny)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"card: {card} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}); torch "
-          f"{torch.__version__}; {args.rows} rows at {args.resolution}, {args.frames} frames, {args.steps} steps",
+          f"{torch.__version__}; {args.rows} rows at {args.resolution}, {args.frames} frames, {args.steps} steps; "
+          f"experts {'int8' if args.int8 else 'bf16'}, {settings}",
           flush=True)
     n, summary = args.rows, {}
     if args.what in ("pipeline", "all"):
-        wall, jobs = run_pipeline(rows, models, run_dir / "pipeline", args.gpus, args.batch_rows, args.attention)
+        wall, jobs = run_pipeline(rows, models, run_dir / "pipeline", args.gpus, args.batch_rows, args.attention,
+                                  settings)
         summary.update(pipeline_s=wall, jobs=jobs)
         print(f"pipeline (--resources gpu={args.gpus}, batch_rows {args.batch_rows}): {wall:.1f} s, "
               f"{wall / n:.1f} s per video")
@@ -321,7 +368,7 @@ def main() -> None:
             print(f"  {j['stage']:13s} {j['group']:14s} rows {j['rows']} wall {j['wall']:6.1f} s load {j['load']:5.1f} s "
                   f"GPU {j['gpu']:5.1f} GB RSS {j['rss']:5.1f} GB card {j['card'][-8:]}")
     if args.what in ("reference", "all"):
-        summary["reference_s"] = run_reference(rows, models, run_dir / "reference", args.attention)
+        summary["reference_s"] = run_reference(rows, models, run_dir / "reference", args.attention, settings)
         print(f"reference loop: {summary['reference_s']:.1f} s, {summary['reference_s'] / n:.1f} s per video")
     if "pipeline_s" in summary and "reference_s" in summary:
         print(f"ratio pipeline / reference: {summary['pipeline_s'] / summary['reference_s']:.2f}")

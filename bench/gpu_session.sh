@@ -5,6 +5,12 @@
 #   bash bench/gpu_session.sh 480p [N]   N (8) rows at 480p: the pipeline with --resources gpu=1 on
 #                                        card 0 while the reference loop runs on card 1
 #   bash bench/gpu_session.sh 720p [N]   the same at 720p
+#   bash bench/gpu_session.sh final      720p, 8 rows, batch_rows 8: the pipeline on card 0 while the
+#                                        reference runs on card 1, then the int8 probe on card 1
+#   bash bench/gpu_session.sh int8       720p, 8 rows, batch_rows 8: int8 experts (ffn_chunks 8) on
+#                                        card 0 while bf16 runs on card 1
+#   bash bench/gpu_session.sh probe      bench/probe_gpu.py at 720p (imports, norms, compile, int8
+#                                        under a 22 GB cap, VAE), then the GPU tests
 # Results go to $OUT (the device tool's folder) or /tmp/bench-out. Setup is skipped when a warm
 # machine already has it.
 set -u
@@ -19,7 +25,8 @@ if ! python3 -c "import turbodiffusion" 2>/dev/null; then
     .whl/turbodiffusion-*.tar.gz > "$OUT/turbo.log" 2>&1 &
   BUILD=$!
 fi
-date; python3 bench/bench_pipeline.py models --workdir $W 2>&1 | tail -2
+INT8=; case "${1:-}" in probe|final|int8) INT8=--int8 ;; esac
+date; python3 bench/bench_pipeline.py models --workdir $W $INT8 2>&1 | tail -3
 [ -n "${BUILD:-}" ] && wait "$BUILD"; date
 python3 -c "import turbodiffusion; print('turbodiffusion', turbodiffusion.__file__)" || tail -20 "$OUT/turbo.log"
 
@@ -31,12 +38,28 @@ case "${1:-cards}" in
     stamp "gpu=2"; bench pipeline --resolution 480p --rows 8 --gpus 2 --tag c480g2 > "$OUT/c480g2.txt" 2>&1
     stamp "gpu tests"; timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
     ;;
+  probe)
+    stamp "probe"; timeout 330 python3 bench/probe_gpu.py --models $W/models --resolution 720p > "$OUT/probe.txt" 2>&1
+    stamp "gpu tests"; timeout 100 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
+    ;;
+  final)
+    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
+    (CUDA_VISIBLE_DEVICES=1 bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
+     stamp "int8 probe"
+     CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/probe_gpu.py --models $W/models --only int8 > "$OUT/probe.txt" 2>&1)
+    wait
+    ;;
+  int8)
+    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --int8 --ffn-chunks 8 --tag p720int8 > "$OUT/p720int8.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720bf16 > "$OUT/p720bf16.txt" 2>&1
+    wait
+    ;;
   480p|720p)
     CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution "$1" --rows "${2:-8}" --gpus 1 --tag "p$1" > "$OUT/p$1.txt" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 bench reference --resolution "$1" --rows "${2:-8}" --tag "r$1" > "$OUT/r$1.txt" 2>&1
     wait
     ;;
 esac
-stamp done; tail -n +1 "$OUT"/[cpr]*.txt
-(cd $W && tar czf "$OUT/logs-$1.tgz" --exclude='*.png' --exclude='*.mp4' --exclude='*.safetensors' \
+stamp done; tail -n +1 "$OUT"/[cpr]*.txt "$OUT"/gpu-tests.txt 2>/dev/null
+[ "${1:-}" = probe ] || (cd $W && tar czf "$OUT/logs-$1.tgz" --exclude='*.png' --exclude='*.mp4' --exclude='*.safetensors' \
    --exclude='.store' --exclude=images */pipeline/results/logs */pipeline/results/benchmarks */pipeline/snakemake.log) || true

@@ -38,6 +38,7 @@ for group, ids in ROW_GROUPS.items():
             attention=config["attention"],
             sla_topk=config["sla_topk"],
             ffn_chunks=config["ffn_chunks"],
+            compile=config["compile"],
             store=STORE,
         log:
             log_path("sample_high", group),
@@ -68,6 +69,7 @@ for group, ids in ROW_GROUPS.items():
             attention=config["attention"],
             sla_topk=config["sla_topk"],
             ffn_chunks=config["ffn_chunks"],
+            compile=config["compile"],
             store=STORE,
         log:
             log_path("sample_low", group),

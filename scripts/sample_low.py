@@ -11,6 +11,7 @@ run_stage(
     attention=snakemake.params.attention,
     sla_topk=snakemake.params.sla_topk,
     ffn_chunks=snakemake.params.ffn_chunks,
+    compile=snakemake.params.compile,
     store=snakemake.params.store,
     job_log=snakemake.log[0],
 )

@@ -15,32 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from turbowan.demo import write_official_pth
-from turbowan.int8 import quantize_blockwise
+from turbowan.int8 import quantize_expert as int8_tensors
 from turbowan.keymaps import t5_key_to_hf
-
-INT8_LINEAR = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.weight$|^blocks\.\d+\.ffn\.[02]\.weight$")
-
-
-FAST_NORM = re.compile(r"^blocks\.\d+\.(self_attn\.norm_[qk]\.weight|cross_attn\.norm_[qk]\.weight|norm3\.(weight|bias))$")
-
-
-def int8_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An official-layout expert in TurboDiffusion's int8 format (every Linear in blocks but proj_l).
-
-    Like the official quantising script, whose FastRMSNorm / FastLayerNorm keep float32 buffers,
-    the q/k norms and norm3 inside blocks are float32; the rest stays bf16."""
-    out = {}
-    for key, value in tensors.items():
-        if INT8_LINEAR.match(key):
-            layer = key[: -len(".weight")]
-            q, scale = quantize_blockwise(value.float())
-            out[f"{layer}.int8_weight"], out[f"{layer}.scale"] = q, scale
-        elif FAST_NORM.match(key):
-            out[key] = value.float()
-        else:
-            out[key] = value
-    return out
-
 
 def hf_t5_tensors(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """umT5 official names -> transformers names (shared.weight and encoder.embed_tokens.weight both)."""

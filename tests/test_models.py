@@ -113,3 +113,74 @@ def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activa
         got = sliced(x, t, text, return_dict=False)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert widths == [16, 16, 16]
+
+
+def test_float32_modules_are_diffusers_own():
+    """The weights stream in their final dtypes before diffusers is imported, from this list."""
+    from turbowan.models import DIT_FP32_MODULES
+
+    assert DIT_FP32_MODULES == set(WanTransformer3DModel._keep_in_fp32_modules) | {"proj_l"}
+
+
+def test_a_load_that_fails_while_building_stops_its_stream(demo_models, monkeypatch):
+    """The file streams in a thread while diffusers is imported; a failure there must not leave it running."""
+    import threading
+
+    import turbowan.models as models
+
+    reached = []
+
+    def refuse(*_args, **_kwargs):
+        reached.append(True)
+        raise ValueError("no attention today")
+
+    monkeypatch.setattr(models, "resolve_attention", refuse)
+    with pytest.raises(ValueError, match="no attention today"):
+        load_transformer(demo_models["high"], torch.device("cpu"))
+    assert reached
+    assert not [t for t in threading.enumerate() if t.name.startswith("stream")]
+
+
+def test_a_stream_error_names_the_file(tmp_path, demo_models):
+    """A file cut short is refused by name, now that its tensors are read in the streaming thread."""
+    data = open(demo_models["high"], "rb").read()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 64])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        load_transformer(tmp_path / "cut.safetensors", torch.device("cpu"))
+
+
+def test_compiled_blocks_give_the_eager_output(demo_models):
+    """torch.compile over the blocks (here with dynamo's eager backend, so no C compiler is needed:
+    it checks that the blocks, SLA and the sliced feed-forward trace; the GPU test runs Inductor)."""
+    import torch._dynamo
+
+    from turbowan.compiled import compile_blocks
+
+    cpu = torch.device("cpu")
+    eager = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", ffn_chunks=2)
+    compiled = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", ffn_chunks=2)
+    torch._dynamo.reset()
+    compile_blocks(compiled, backend="eager")
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 36, 2, 8, 12, generator=gen)
+    text = torch.randn(1, 16, eager.config.text_dim, generator=gen)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        expected = eager(x, t, text, return_dict=False)[0]
+        got = compiled(x, t, text, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert counts["stats"]["unique_graphs"] >= 1  # dynamo captured the blocks
+    torch._dynamo.reset()
+
+
+def test_compile_setting():
+    from turbowan.compiled import compile_wanted
+
+    assert compile_wanted("auto", torch.device("cpu")) is False
+    assert compile_wanted("auto", torch.device("cuda")) is True
+    assert compile_wanted(True, torch.device("cpu")) is True
+    assert compile_wanted("false", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="compile: 'sometimes'"):
+        compile_wanted("sometimes", torch.device("cpu"))

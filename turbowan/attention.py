@@ -106,6 +106,12 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return (fq @ kv) / (1e-5 + (fq * k_sum).sum(dim=-1, keepdim=True))
 
 
+@torch.compiler.disable
+def _run_kernel(kernel: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """turbodiffusion's SLA kernel, outside compiled graphs (turbowan.compiled)."""
+    return kernel(q, k, v)
+
+
 class SparseLinearAttention(torch.nn.Module):
     """SLA: takes and returns (B, L, H, D), like turbodiffusion.SLA.SparseLinearAttention.
 
@@ -126,7 +132,7 @@ class SparseLinearAttention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._kernel and q.is_cuda and int(self.topk * math.ceil(q.shape[1] / self.blkk)) >= 1:
-            return self._kernel[0](q, k, v)
+            return _run_kernel(self._kernel[0], q, k, v)
         dtype = q.dtype
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         blocks = sla_block_map(q, k, self.topk, self.blkq, self.blkk)  # chosen on the inputs' dtype

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,27 @@ class BlockInt8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blockwise int8"
 
 
+# TurboDiffusion's int8 experts (official names): every Linear inside blocks but SLA's proj_l is
+# int8; the q/k norms and norm3 are float32 (its FastRMSNorm / FastLayerNorm buffers).
+INT8_LINEAR = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.weight$|^blocks\.\d+\.ffn\.[02]\.weight$")
+FLOAT32_NORM = re.compile(r"^blocks\.\d+\.(self_attn\.norm_[qk]\.weight|cross_attn\.norm_[qk]\.weight|norm3\.(weight|bias))$")
+
+
+def quantize_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official-layout bf16 expert in TurboDiffusion's int8 format, as its quantising script writes
+    it (for tests and benchmarks; users get the `-quant.pth` files). Tensors stay on their device."""
+    out = {}
+    for key, value in tensors.items():
+        if INT8_LINEAR.match(key):
+            layer = key[: -len(".weight")]
+            out[f"{layer}.int8_weight"], out[f"{layer}.scale"] = quantize_blockwise(value.float())
+        elif FLOAT32_NORM.match(key):
+            out[key] = value.float()
+        else:
+            out[key] = value
+    return out
+
+
 def turbodiffusion_int8_linear():
     """turbodiffusion.ops.Int8Linear, or None when the package (or its compiled ops) is not importable."""
     try:
@@ -106,5 +128,7 @@ def swap_in_int8_linears(model: torch.nn.Module, names: list[str], device: torch
             raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=dtype)
+        if backend == "turbodiffusion":  # its CUDA GEMM runs outside compiled graphs (turbowan.compiled)
+            new.forward = torch.compiler.disable(new.forward)
         setattr(parent, child, new)
     return backend

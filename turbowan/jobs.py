@@ -106,7 +106,9 @@ def run_stage(
         rss_gb = _peak_rss_gb()
         gpu = ""
         if torch.cuda.is_available():
-            gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
+            # allocated: what the tensors needed; reserved: what PyTorch's cache held (a card must fit this)
+            gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB "
+                   f"(reserved {torch.cuda.max_memory_reserved() / 1024**3:.2f} GB)")
         log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)
     finally:
         if card:

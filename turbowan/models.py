@@ -11,6 +11,8 @@ prepare_models, or ComfyUI's) or `.pth` (memory-mapped, weights only); the pipel
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +30,7 @@ from .formats import (
     load_pth,
     read_index,
 )
+from .compiled import compile_blocks
 from .int8 import swap_in_int8_linears
 from .safetensors_io import SafetensorsFile, SafetensorsFormatError
 from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
@@ -73,9 +76,11 @@ def _stream_state_dict(
     device: torch.device,
     dtype_for: Callable[[str, torch.Tensor], torch.dtype],
     transform: Callable[[str, torch.Tensor, Callable], torch.Tensor] | None = None,
+    stop: threading.Event | None = None,
 ) -> dict[str, torch.Tensor]:
     """{module key: tensor on device}, reading each tensor once, straight from the file to the device
-    (dtype conversions and reshapes happen there)."""
+    (dtype conversions and reshapes happen there). Setting `stop` ends it early (the result is then
+    partial and thrown away)."""
     state = {}
     with _open_tensors(info) as source:
         if isinstance(source, SafetensorsFile):
@@ -85,10 +90,36 @@ def _stream_state_dict(
             get = source
             arriving = ((key, get(key)) for key in table.values())
         for (file_key, tensor), new_key in zip(arriving, table):  # (arriving first: it runs to its end)
+            if stop is not None and stop.is_set():
+                break
             if transform is not None:
                 tensor = transform(file_key, tensor, get)
             state[new_key] = tensor.to(device=device, dtype=dtype_for(new_key, tensor), non_blocking=True)
     return state
+
+
+@contextmanager
+def _streaming(info: ModelInfo, table: dict[str, str], device: torch.device, dtype_for, transform=None):
+    """Stream the file's tensors to the device in a background thread while the caller imports
+    diffusers or transformers and builds the empty network: the imports take seconds in every job
+    (6 s on the H100 machine), and so does reading a 28.6 GB expert (4 s warm), so the two overlap.
+    Yields a function that waits for the state dict; if the caller fails first, the stream stops."""
+    stop = threading.Event()
+    if device.type == "cuda" and device.index is None:  # the caller's card: a new thread starts on card 0
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    def stream() -> dict[str, torch.Tensor]:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return _stream_state_dict(info, table, device, dtype_for, transform, stop)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream") as pool:
+        future = pool.submit(stream)
+        try:
+            yield future.result
+        except BaseException:
+            stop.set()
+            raise
 
 
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -139,6 +170,13 @@ def chunk_feed_forward(model: torch.nn.Module, chunks: int) -> None:
             block.ffn = ChunkedFeedForward(block.ffn, chunks)
 
 
+# The expert's modules kept in float32: diffusers' WanTransformer3DModel._keep_in_fp32_modules
+# (time embedder, norms, modulation tables) and SLA's proj_l (REFERENCE.md section 4). Written out
+# so that the weights can stream in their final dtypes while diffusers is still being imported; a
+# test holds it equal to diffusers' list.
+DIT_FP32_MODULES = frozenset({"rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "proj_l"})
+
+
 def load_transformer(
     path: str | Path,
     device: torch.device,
@@ -147,39 +185,28 @@ def load_transformer(
     sla_topk: float = 0.1,
     kernels: bool = True,
     ffn_chunks: int | str = "auto",
+    compile: bool = False,
 ):
     """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
 
-    Weights go to `dtype` except the modules diffusers keeps in float32 (time embedder, norms,
-    modulation tables) and SLA's proj_l, which stay float32 as REFERENCE.md section 4 recommends;
-    int8 layers keep their int8 weights and float32 scales (turbowan.int8). `attention`:
-    auto | sla | sagesla | sdpa (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a
-    GPU with turbodiffusion (for comparisons). ffn_chunks: see ffn_chunks_for.
+    Weights go to `dtype` except DIT_FP32_MODULES, which stay float32; int8 layers keep their int8
+    weights and float32 scales (turbowan.int8). `attention`: auto | sla | sagesla | sdpa
+    (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a GPU with turbodiffusion
+    (for comparisons). ffn_chunks: see ffn_chunks_for. compile: see turbowan.compiled.
     """
-    from diffusers import WanTransformer3DModel
-
     path = Path(path)
     started = announce_load(log, "expert", path, device)
     info = _inspect(path, "dit")
     config = dit_model_config(info)
-    mode, implementation = resolve_attention(attention, info.sla, device, str(path), kernels)
     table = dit_rename_table(info.index)
-    if mode == "sdpa":
-        table = {k: v for k, v in table.items() if f".{SLA_MODULE}." not in k}
     int8_modules = sorted(k[: -len(".int8_weight")] for k in table if k.endswith(".int8_weight"))
-
-    with init_empty_weights(include_buffers=False):
-        model = WanTransformer3DModel(**config)
-    int8_backend = swap_in_int8_linears(model, int8_modules, device, dtype, kernels) if int8_modules else None
-    install_attention(model, mode, implementation, sla_topk)
-    keep_fp32 = set(WanTransformer3DModel._keep_in_fp32_modules) | {"proj_l"}
     int8_set = set(int8_modules)
 
     def dtype_for(key: str, tensor: torch.Tensor) -> torch.dtype:
         module, _, name = key.rpartition(".")
         if module in int8_set and name in ("int8_weight", "scale"):
             return tensor.dtype  # int8 weights and float32 scales stay as stored
-        return torch.float32 if keep_fp32 & set(key.split(".")) else dtype
+        return torch.float32 if DIT_FP32_MODULES & set(key.split(".")) else dtype
 
     def transform(file_key: str, tensor: torch.Tensor, _get) -> torch.Tensor:
         if file_key.endswith("patch_embedding.weight") and tensor.dim() == 2:
@@ -187,16 +214,29 @@ def load_transformer(
             return tensor.reshape(tensor.shape[0], config["in_channels"], 1, 2, 2)
         return tensor
 
-    state = _stream_state_dict(info, table, device, dtype_for, transform)
+    with _streaming(info, table, device, dtype_for, transform) as streamed:
+        from diffusers import WanTransformer3DModel
+
+        mode, implementation = resolve_attention(attention, info.sla, device, str(path), kernels)
+        with init_empty_weights(include_buffers=False):
+            model = WanTransformer3DModel(**config)
+        int8_backend = swap_in_int8_linears(model, int8_modules, device, dtype, kernels) if int8_modules else None
+        install_attention(model, mode, implementation, sla_topk)
+        state = streamed()
+    if mode == "sdpa":
+        state = {k: v for k, v in state.items() if f".{SLA_MODULE}." not in k}
     _assign(model, state, path)
     chunks = ffn_chunks_for(ffn_chunks, device)
     chunk_feed_forward(model, chunks)
     model.to(device).eval().requires_grad_(False)
+    if compile:
+        compile_blocks(model)
     log.info(
-        "loaded expert %s: %s; attention %s (%s, topk %s)%s%s in %s",
+        "loaded expert %s: %s; attention %s (%s, topk %s)%s%s%s in %s",
         path, info.describe(), mode, implementation, sla_topk,
         f"; int8 linears via {int8_backend}" if int8_backend else "",
-        f"; feed-forward in {chunks} slices of the sequence" if chunks > 1 else "", took(path, started),
+        f"; feed-forward in {chunks} slices of the sequence" if chunks > 1 else "",
+        "; blocks compiled (torch.compile, on first use)" if compile else "", took(path, started),
     )
     if mode == "sdpa" and info.sla:
         log.warning("%s carries SLA weights, but attention is sdpa: the SLA linear branch is dropped", path)
@@ -208,14 +248,15 @@ def load_transformer(
 
 def load_vae(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
     """The Wan2.1 VAE (.pth or ComfyUI safetensors: same names) as diffusers' AutoencoderKLWan."""
-    from diffusers import AutoencoderKLWan
-
     path = Path(path)
     started = announce_load(log, "VAE", path, device)
     info = _inspect(path, "vae")
-    with init_empty_weights(include_buffers=False):
-        model = AutoencoderKLWan(**info.config)
-    state = _stream_state_dict(info, vae_rename_table(info.index), device, lambda _k, _t: dtype)
+    with _streaming(info, vae_rename_table(info.index), device, lambda _k, _t: dtype) as streamed:
+        from diffusers import AutoencoderKLWan
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoencoderKLWan(**info.config)
+        state = streamed()
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
     log.info("loaded VAE %s: %s in %s", path, info.describe(), took(path, started))
@@ -261,15 +302,16 @@ def _dequantize_fp8(file_key: str, tensor: torch.Tensor, get) -> torch.Tensor:
 
 def load_text_encoder(path: str | Path, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """The umT5-XXL encoder (official, HF or ComfyUI fp8-scaled names) as transformers' UMT5EncoderModel."""
-    from transformers import UMT5EncoderModel
-
     path = Path(path)
     started = announce_load(log, "text encoder", path, device)
     info = _inspect(path, "text_encoder")
-    with init_empty_weights(include_buffers=False):
-        model = UMT5EncoderModel(t5_config(info))
     table = _t5_table(info, info.index)
-    state = _stream_state_dict(info, table, device, lambda _k, _t: dtype, _dequantize_fp8)
+    with _streaming(info, table, device, lambda _k, _t: dtype, _dequantize_fp8) as streamed:
+        from transformers import UMT5EncoderModel
+
+        with init_empty_weights(include_buffers=False):
+            model = UMT5EncoderModel(t5_config(info))
+        state = streamed()
     _assign(model, state, path)
     model.to(device).eval().requires_grad_(False)
     log.info("loaded text encoder %s: %s in %s", path, info.describe(), took(path, started))

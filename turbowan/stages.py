@@ -17,6 +17,7 @@ from .artifacts import (
     ArtifactError, check_made_from, failure_record, failure_words, fingerprint, load_artifact, save_artifact,
 )
 from .batch import RowTask, run_rows
+from .compiled import compile_wanted
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
 from .models import load_text_encoder, load_tokenizer, load_transformer, load_vae
@@ -244,6 +245,7 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
 
 
 def _expert(expert: str, dev: torch.device, dtype: str, attn: dict, ffn_chunks: int | str) -> Lazy:
+    """attn: attention, sla_topk and compile (turbowan.compiled.compile_wanted, resolved)."""
     def load():
         with phase("load expert"):
             return load_transformer(expert, dev, resolve_dtype(dtype), **attn, ffn_chunks=ffn_chunks)
@@ -270,12 +272,12 @@ def _sampling_task(
 def sample_high_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
     attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, job_log: str | None = None,
-    ffn_chunks: int | str = "auto",
+    ffn_chunks: int | str = "auto", compile: bool | str = False,
 ) -> None:
     """rows: [{key, text, cond, sampling, video, out}]. Start each row's sampling and run its
     high-noise steps; save x, the generator and the next step."""
-    attn = {"attention": attention, "sla_topk": float(sla_topk)}
     dev = resolve_device(device)
+    attn = {"attention": attention, "sla_topk": float(sla_topk), "compile": compile_wanted(compile, dev)}
     model = _expert(expert, dev, dtype, attn, ffn_chunks)
 
     def compute(task: RowTask, path: Path) -> None:
@@ -306,12 +308,12 @@ def sample_high_rows(
 def sample_low_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
     attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, job_log: str | None = None,
-    ffn_chunks: int | str = "auto",
+    ffn_chunks: int | str = "auto", compile: bool | str = False,
 ) -> None:
     """rows: [{key, text, cond, boundary, sampling, video, out}]. Restore the state saved by
     sample_high and run the remaining (low-noise) steps."""
-    attn = {"attention": attention, "sla_topk": float(sla_topk)}
     dev = resolve_device(device)
+    attn = {"attention": attention, "sla_topk": float(sla_topk), "compile": compile_wanted(compile, dev)}
     model = _expert(expert, dev, dtype, attn, ffn_chunks)
 
     def compute(task: RowTask, path: Path) -> None:

@@ -1,0 +1,208 @@
+"""Measurements behind the expert and VAE settings, on full-size random-weight models (one GPU).
+
+    python bench/probe_gpu.py --models /tmp/b/models [--resolution 720p] [--only expert,int8,...]
+
+- imports: seconds a job spends importing torch and diffusers (each in a fresh process);
+- norms: diffusers' / torch's norms against turbodiffusion's FastRMSNorm / FastLayerNorm at the
+  expert's activation shape;
+- expert: one bf16 SLA forward eager, then compiled (turbowan.compiled): the first call (compile)
+  and the steady state, and the first call again in a fresh process (Inductor's cache warm);
+- int8: the int8 expert's forward time and peak memory with the feed-forward whole and in 8
+  slices, under a 22 GB cap (a 24 GB card less the CUDA context);
+- vae: encode and decode of one row, with cuDNN's autotuner off and on.
+`bench_pipeline.py models [--int8]` writes the models first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from turbowan.sizes import PRESETS, latent_shape  # noqa: E402
+
+GB = 1024**3
+
+
+def timed(fn, repeat: int = 1) -> tuple[float, object]:
+    """Seconds per call (mean over `repeat`, CUDA synchronised) and the last result."""
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeat, out
+
+
+def peak(reset: bool = False) -> str:
+    text = f"peak allocated {torch.cuda.max_memory_allocated() / GB:.2f} GB, reserved {torch.cuda.max_memory_reserved() / GB:.2f} GB"
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return text
+
+
+def probe_imports() -> None:
+    for what in ("import torch", "import torch; torch.cuda.init()", "from diffusers import WanTransformer3DModel",
+                 "from diffusers import AutoencoderKLWan", "from transformers import UMT5EncoderModel",
+                 "import turbowan.stages"):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", what], check=True, cwd=REPO)
+        print(f"imports: {what!r}: {time.perf_counter() - started:.2f} s (fresh process)", flush=True)
+
+
+def probe_norms(tokens: int) -> None:
+    from diffusers.models.normalization import FP32LayerNorm
+
+    try:
+        from turbodiffusion.ops import FastLayerNorm, FastRMSNorm
+    except Exception as err:
+        print(f"norms: turbodiffusion not importable ({err})")
+        return
+    x = torch.randn(1, tokens, 5120, device="cuda", dtype=torch.bfloat16)
+    rms = torch.nn.RMSNorm(5120, eps=1e-6, device="cuda", dtype=torch.bfloat16)
+    fast_rms = FastRMSNorm(5120, eps=1e-6).cuda()
+    diff = (rms(x).float() - fast_rms(x).float()).abs().max().item()
+    print(f"norms: max diff RMSNorm vs FastRMSNorm {diff:.2e}")
+    for name, module in (("torch RMSNorm (bf16 weight)", rms), ("turbodiffusion FastRMSNorm", fast_rms)):
+        seconds, out = timed(lambda: module(x), 20)
+        print(f"norms: {name}: {seconds * 1e3:.2f} ms per call at [1, {tokens}, 5120]", flush=True)
+    ln = FP32LayerNorm(5120, 1e-6, elementwise_affine=False).cuda()
+    fast_ln = FastLayerNorm.from_layernorm(ln).cuda()
+    diff = (ln(x).float() - fast_ln(x).float()).abs().max().item()
+    for name, module in (("diffusers FP32LayerNorm", ln), ("turbodiffusion FastLayerNorm", fast_ln)):
+        seconds, _ = timed(lambda: module(x), 20)
+        print(f"norms: {name}: {seconds * 1e3:.2f} ms per call (max diff between the two {diff:.2e})", flush=True)
+
+
+def expert_inputs(model, video: dict) -> tuple:
+    _, c, t, h, w = latent_shape(**video)
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 36, t, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
+    text = torch.randn(1, 512, model.config.text_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    step = torch.tensor([900.0], device="cuda", dtype=torch.bfloat16)
+    return x, step, text
+
+
+def forward(model, inputs):
+    with torch.no_grad():
+        return model(hidden_states=inputs[0], timestep=inputs[1], encoder_hidden_states=inputs[2],
+                     return_dict=False)[0]
+
+
+def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
+    from turbowan.compiled import compile_blocks
+    from turbowan.models import load_transformer
+
+    cuda = torch.device("cuda")
+    seconds, model = timed(lambda: load_transformer(path, cuda, compile=False, ffn_chunks=1))
+    print(f"expert: load {seconds:.1f} s; {peak(reset=True)}", flush=True)
+    inputs = expert_inputs(model, video)
+    if not fresh_compile:
+        first, eager_out = timed(lambda: forward(model, inputs))
+        steady, _ = timed(lambda: forward(model, inputs), 2)
+        print(f"expert: eager forward first {first:.2f} s, steady {steady:.2f} s; {peak(reset=True)}", flush=True)
+    compile_blocks(model)
+    first, compiled_out = timed(lambda: forward(model, inputs))
+    print(f"expert: compiled forward, first call (compile{' in a fresh process' if fresh_compile else ''}) "
+          f"{first:.1f} s", flush=True)
+    if not fresh_compile:
+        steady, compiled_out = timed(lambda: forward(model, inputs), 3)
+        rel = ((compiled_out.float() - eager_out.float()).norm() / eager_out.float().norm()).item()
+        print(f"expert: compiled forward steady {steady:.2f} s; relative difference to eager {rel:.2e}; "
+              f"{peak(reset=True)}", flush=True)
+    free_gpu()
+
+
+def free_gpu() -> None:
+    """Drop what compiled graphs still hold (they keep their module alive) and empty the cache."""
+    import gc
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"(GPU memory still allocated: {torch.cuda.memory_allocated() / GB:.2f} GB)", flush=True)
+
+
+def probe_int8(path: str, video: dict) -> None:
+    from turbowan.models import load_transformer
+
+    cuda = torch.device("cuda")
+    torch.cuda.set_per_process_memory_fraction(22 * GB / torch.cuda.get_device_properties(0).total_memory)
+    for chunks, compiled in ((8, False), (8, True)):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            seconds, model = timed(lambda: load_transformer(path, cuda, ffn_chunks=chunks, compile=compiled))
+            weights = torch.cuda.memory_allocated() / GB
+            inputs = expert_inputs(model, video)
+            first, _ = timed(lambda: forward(model, inputs))
+            steady, _ = timed(lambda: forward(model, inputs), 2)
+            print(f"int8 (ffn_chunks {chunks}, compile {compiled}): load {seconds:.1f} s, weights {weights:.2f} GB, "
+                  f"forward first {first:.2f} s, steady {steady:.2f} s; {peak()}", flush=True)
+        except torch.OutOfMemoryError:
+            print(f"int8 (ffn_chunks {chunks}, compile {compiled}): out of memory under the 22 GB cap; {peak()}",
+                  flush=True)
+        model = inputs = None
+        free_gpu()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def probe_vae(path: str, video: dict) -> None:
+    from turbowan.models import load_vae
+    from turbowan.vae import decode_frames, encode_condition
+
+    vae = load_vae(path, torch.device("cuda"), torch.bfloat16)
+    image = torch.rand(1, 3, video["height"], video["width"]) * 2 - 1
+    latent = torch.randn(*latent_shape(**video), device="cuda")
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        encode = [timed(lambda: encode_condition(vae, image, video["num_frames"]))[0] for _ in range(2)]
+        decode = [timed(lambda: decode_frames(vae, latent))[0] for _ in range(2)]
+        print(f"vae (cudnn.benchmark {benchmark}): encode {encode[0]:.2f} then {encode[1]:.2f} s, "
+              f"decode {decode[0]:.2f} then {decode[1]:.2f} s; {peak(reset=True)}", flush=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--resolution", default="720p", choices=list(PRESETS))
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--only", default="imports,norms,expert,compile-warm,int8,vae")
+    args = parser.parse_args()
+    width, height = PRESETS[args.resolution]["16:9"]
+    video = dict(width=width, height=height, num_frames=args.frames)
+    _, _, t, h, w = latent_shape(**video)
+    tokens = t * (h // 2) * (w // 2)
+    print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.resolution} {video}: {tokens} tokens",
+          flush=True)
+    wanted = args.only.split(",")
+    if "imports" in wanted:
+        probe_imports()
+    if "norms" in wanted:
+        probe_norms(tokens)
+    if "int8" in wanted:
+        probe_int8(str(args.models / "high-int8.safetensors"), video)
+    if "expert" in wanted:
+        probe_expert(str(args.models / "high.safetensors"), video, fresh_compile=False)
+    if "compile-warm" in wanted:  # a fresh process: what a later job's compile costs
+        subprocess.run([sys.executable, __file__, "--models", str(args.models), "--resolution", args.resolution,
+                        "--frames", str(args.frames), "--only", "fresh-compile"], check=False)
+    if "fresh-compile" in wanted:
+        probe_expert(str(args.models / "high.safetensors"), video, fresh_compile=True)
+    if "vae" in wanted:
+        probe_vae(str(args.models / "vae.safetensors"), video)
+
+
+if __name__ == "__main__":
+    main()
