@@ -293,7 +293,7 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
     vae = load_vae(models["vae"], dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     ys = {r["id"]: encode_condition(vae, preprocess(open_rgb(r["image"]), r["video"]["width"], r["video"]["height"]),
                                     r["video"]["num_frames"]) for r in rows}
-    expert = dict(attention=attention, ffn_chunks=settings["ffn_chunks"],
+    expert = dict(attention=attention, activation_slices=settings["activation_slices"],
                   compile=compile_wanted(settings["compile"], dev))
     high = load_transformer(models["high"], dev, **expert)
     low = load_transformer(models["low"], dev, **expert)
@@ -335,7 +335,7 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=4)
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--int8", action="store_true", help="int8 experts (written from the bf16 one)")
-    parser.add_argument("--ffn-chunks", default="auto", help="config ffn_chunks")
+    parser.add_argument("--activation-slices", default="auto", help="config activation_slices")
     parser.add_argument("--compile", default="auto", help="config compile: auto | true | false")
     parser.add_argument("--tag", default="", help="name of this run's folder (default: resolution, rows, time)")
     parser.add_argument("--tiny", action="store_true", help="demo-size models on any device: checks the script")
@@ -343,9 +343,9 @@ def main() -> None:
 
     models = (make_tiny_models(args.workdir / "tiny-models") if args.tiny
               else make_models(args.workdir / "models", args.int8))
-    ffn_chunks = args.ffn_chunks if args.ffn_chunks == "auto" else int(args.ffn_chunks)
+    activation_slices = args.activation_slices if args.activation_slices == "auto" else int(args.activation_slices)
     compile_setting = {"true": True, "false": False}.get(args.compile, args.compile)
-    settings = {"ffn_chunks": ffn_chunks, "compile": compile_setting}
+    settings = {"activation_slices": activation_slices, "compile": compile_setting}
     if args.what == "models":
         return
     run_dir = args.workdir / (args.tag or f"{args.resolution}-{args.rows}rows-{int(time.time())}")

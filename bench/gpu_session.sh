@@ -7,7 +7,7 @@
 #   bash bench/gpu_session.sh 720p [N]   the same at 720p
 #   bash bench/gpu_session.sh final      720p, 8 rows, batch_rows 8: the pipeline on card 0 while the
 #                                        reference runs on card 1, then the int8 probe on card 1
-#   bash bench/gpu_session.sh int8       720p, 8 rows, batch_rows 8: int8 experts (ffn_chunks 8) on
+#   bash bench/gpu_session.sh int8       720p, 8 rows, batch_rows 8: int8 experts (activation_slices 8) on
 #                                        card 0 while bf16 runs on card 1
 #   bash bench/gpu_session.sh probe      bench/probe_gpu.py at 720p (imports, norms, compile, int8
 #                                        under a 22 GB cap, VAE), then the GPU tests
@@ -46,11 +46,11 @@ case "${1:-cards}" in
     CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
     (CUDA_VISIBLE_DEVICES=1 bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
      stamp "int8 probe"
-     CUDA_VISIBLE_DEVICES=1 timeout 200 python3 bench/probe_gpu.py --models $W/models --only int8 > "$OUT/probe.txt" 2>&1)
+     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 bench/probe_gpu.py --models $W/models --only int8,importtime > "$OUT/probe.txt" 2>&1)
     wait
     ;;
   int8)
-    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --int8 --ffn-chunks 8 --tag p720int8 > "$OUT/p720int8.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --int8 --activation-slices 8 --tag p720int8 > "$OUT/p720int8.txt" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720bf16 > "$OUT/p720bf16.txt" 2>&1
     wait
     ;;

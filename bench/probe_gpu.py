@@ -58,6 +58,18 @@ def probe_imports() -> None:
         print(f"imports: {what!r}: {time.perf_counter() - started:.2f} s (fresh process)", flush=True)
 
 
+def probe_importtime(what: str = "from diffusers import AutoencoderKLWan", top: int = 25) -> None:
+    """Where an import's seconds go: python -X importtime, the largest cumulative entries."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", what], capture_output=True, text=True, cwd=REPO)
+    rows = []
+    for line in out.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            rows.append((int(parts[1]), int(parts[0].split(":")[1]), parts[2].rstrip()))
+    for cumulative, own, name in sorted(rows, reverse=True)[:top]:
+        print(f"importtime {what!r}: {cumulative / 1e6:6.2f} s cumulative, {own / 1e6:5.2f} s own  {name}")
+
+
 def probe_norms(tokens: int) -> None:
     from diffusers.models.normalization import FP32LayerNorm
 
@@ -102,7 +114,7 @@ def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
     from turbowan.models import load_transformer
 
     cuda = torch.device("cuda")
-    seconds, model = timed(lambda: load_transformer(path, cuda, compile=False, ffn_chunks=1))
+    seconds, model = timed(lambda: load_transformer(path, cuda, compile=False, activation_slices=1))
     print(f"expert: load {seconds:.1f} s; {peak(reset=True)}", flush=True)
     inputs = expert_inputs(model, video)
     if not fresh_compile:
@@ -138,19 +150,19 @@ def probe_int8(path: str, video: dict) -> None:
 
     cuda = torch.device("cuda")
     torch.cuda.set_per_process_memory_fraction(22 * GB / torch.cuda.get_device_properties(0).total_memory)
-    for chunks, compiled in ((8, False), (8, True)):
+    for chunks, compiled in ((8, False), (8, True), (1, True)):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            seconds, model = timed(lambda: load_transformer(path, cuda, ffn_chunks=chunks, compile=compiled))
+            seconds, model = timed(lambda: load_transformer(path, cuda, activation_slices=chunks, compile=compiled))
             weights = torch.cuda.memory_allocated() / GB
             inputs = expert_inputs(model, video)
             first, _ = timed(lambda: forward(model, inputs))
             steady, _ = timed(lambda: forward(model, inputs), 2)
-            print(f"int8 (ffn_chunks {chunks}, compile {compiled}): load {seconds:.1f} s, weights {weights:.2f} GB, "
+            print(f"int8 (activation_slices {chunks}, compile {compiled}): load {seconds:.1f} s, weights {weights:.2f} GB, "
                   f"forward first {first:.2f} s, steady {steady:.2f} s; {peak()}", flush=True)
         except torch.OutOfMemoryError:
-            print(f"int8 (ffn_chunks {chunks}, compile {compiled}): out of memory under the 22 GB cap; {peak()}",
+            print(f"int8 (activation_slices {chunks}, compile {compiled}): out of memory under the 22 GB cap; {peak()}",
                   flush=True)
         model = inputs = None
         free_gpu()
@@ -189,6 +201,8 @@ def main() -> None:
     wanted = args.only.split(",")
     if "imports" in wanted:
         probe_imports()
+    if "importtime" in wanted:
+        probe_importtime()
     if "norms" in wanted:
         probe_norms(tokens)
     if "int8" in wanted:

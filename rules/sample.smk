@@ -37,7 +37,7 @@ for group, ids in ROW_GROUPS.items():
             dtype=config["dtype"],
             attention=config["attention"],
             sla_topk=config["sla_topk"],
-            ffn_chunks=config["ffn_chunks"],
+            activation_slices=config["activation_slices"],
             compile=config["compile"],
             store=STORE,
         log:
@@ -68,7 +68,7 @@ for group, ids in ROW_GROUPS.items():
             dtype=config["dtype"],
             attention=config["attention"],
             sla_topk=config["sla_topk"],
-            ffn_chunks=config["ffn_chunks"],
+            activation_slices=config["activation_slices"],
             compile=config["compile"],
             store=STORE,
         log:

@@ -1,5 +1,6 @@
 # From the final latent to the mp4: VAE decode to lossless frames (one job per group of rows),
-# then H.264 (one CPU job per row).
+# then H.264 (one CPU job per row). The decode job already makes each row's mp4 but the last
+# into the store while it decodes the next row, so those encode_video jobs only link it.
 
 
 for group, ids in ROW_GROUPS.items():
@@ -21,6 +22,7 @@ for group, ids in ROW_GROUPS.items():
             device=config["device"],
             vae_dtype=config["vae_dtype"],
             store=STORE,
+            mp4={"fps": config["video"]["fps"], "quality": config["video"]["quality"]},
         log:
             log_path("decode", group),
         benchmark:

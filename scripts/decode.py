@@ -10,5 +10,6 @@ run_stage(
     vae_dtype=snakemake.params.vae_dtype,
     frugal=snakemake.resources.frugal,
     store=snakemake.params.store,
+    mp4=snakemake.params.mp4,
     job_log=snakemake.log[0],
 )

@@ -10,7 +10,7 @@ run_stage(
     dtype=snakemake.params.dtype,
     attention=snakemake.params.attention,
     sla_topk=snakemake.params.sla_topk,
-    ffn_chunks=snakemake.params.ffn_chunks,
+    activation_slices=snakemake.params.activation_slices,
     compile=snakemake.params.compile,
     store=snakemake.params.store,
     job_log=snakemake.log[0],

@@ -53,8 +53,8 @@ def test_sliced_feed_forward_matches_the_whole_one_on_cuda(demo_models):
     from turbowan.models import load_transformer
 
     cuda = torch.device("cuda")
-    whole = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", ffn_chunks=1)
-    sliced = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", ffn_chunks=4)
+    whole = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", activation_slices=1)
+    sliced = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", activation_slices=4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 36, 2, 8, 12, generator=gen).to(cuda)
     text = torch.randn(1, 16, whole.config.text_dim, generator=gen).to(cuda)
@@ -72,8 +72,8 @@ def test_compiled_expert_matches_eager_on_cuda(demo_models):
     from turbowan.models import load_transformer
 
     cuda = torch.device("cuda")
-    eager = load_transformer(demo_models["high"], cuda, attention="sla", ffn_chunks=2)
-    compiled = load_transformer(demo_models["high"], cuda, attention="sla", ffn_chunks=2)
+    eager = load_transformer(demo_models["high"], cuda, attention="sla", activation_slices=2)
+    compiled = load_transformer(demo_models["high"], cuda, attention="sla", activation_slices=2)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compile_blocks(compiled)

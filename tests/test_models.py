@@ -99,8 +99,8 @@ def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activa
     from turbowan.models import ChunkedFeedForward
 
     cpu = torch.device("cpu")
-    whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", ffn_chunks=1)
-    sliced = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", ffn_chunks=3)
+    whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", activation_slices=1)
+    sliced = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", activation_slices=3)
     assert all(isinstance(block.ffn, ChunkedFeedForward) and block.ffn.chunks == 3 for block in sliced.blocks)
     widths = []  # tokens reaching the FFN's wide hidden layer, per call
     sliced.blocks[0].ffn.ffn.net[0].register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
@@ -157,8 +157,8 @@ def test_compiled_blocks_give_the_eager_output(demo_models):
     from turbowan.compiled import compile_blocks
 
     cpu = torch.device("cpu")
-    eager = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", ffn_chunks=2)
-    compiled = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", ffn_chunks=2)
+    eager = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=2)
+    compiled = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=2)
     torch._dynamo.reset()
     compile_blocks(compiled, backend="eager")
     counts = torch._dynamo.utils.counters
@@ -184,3 +184,32 @@ def test_compile_setting():
     assert compile_wanted("false", torch.device("cuda")) is False
     with pytest.raises(ValueError, match="compile: 'sometimes'"):
         compile_wanted("sometimes", torch.device("cpu"))
+
+
+def test_sla_and_rope_over_groups_of_heads_give_the_same_output(demo_models):
+    """activation_slices also splits SLA (and RoPE) by heads: each group sees only its heads."""
+    cpu = torch.device("cpu")
+    whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=1)
+    sliced = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=2)
+    heads_seen = []
+    sliced.blocks[0].attn1.sla.register_forward_hook(lambda _m, inputs, _out: heads_seen.append(inputs[0].shape[2]))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 36, 3, 16, 16, generator=gen)  # 192 tokens: several SLA key blocks
+    text = torch.randn(1, 16, whole.config.text_dim, generator=gen)
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        expected = whole(x, t, text, return_dict=False)[0]
+        got = sliced(x, t, text, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert heads_seen == [1, 1]  # the demo expert's 2 heads, one group each
+
+
+def test_rope_in_groups_of_heads_is_exact():
+    from turbowan.attention import apply_rotary
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 10, 5, 8, generator=gen).to(torch.bfloat16)
+    angles = torch.randn(1, 10, 1, 8, generator=gen)
+    whole = apply_rotary(x, angles.cos(), angles.sin())
+    for slices in (2, 3, 5):
+        assert torch.equal(apply_rotary(x, angles.cos(), angles.sin(), slices), whole)

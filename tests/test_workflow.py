@@ -28,6 +28,10 @@ def test_every_row_gets_its_video(finished):
         log = (results / "logs" / rule / "boat~face.log").read_text()
         assert "row boat (1/2)" in log and "row face (2/2)" in log
     assert (results / "benchmarks" / "encode_video" / "boat.tsv").is_file()
+    # the decode job made boat's mp4 while it decoded face; face, its group's last row, got its own job's
+    assert "made ahead" in (results / "logs" / "decode" / "boat~face.log").read_text()
+    assert "encode_video reused from the store" in (results / "logs" / "encode_video" / "boat.log").read_text()
+    assert "wrote" in (results / "logs" / "encode_video" / "face.log").read_text()
     # each artifact is the store's file, linked (one inode, no second copy)
     boundary = results / "boat" / "boundary.safetensors"
     assert boundary.stat().st_nlink == 2

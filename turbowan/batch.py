@@ -122,10 +122,12 @@ def run_rows(
     compute: Callable[[RowTask, Path], None],
     store: str | os.PathLike,
     job_log: str | None = None,
+    on_done: Callable[[RowTask], None] | None = None,
 ) -> dict[str, str]:
     """Give every task its output: linked from the store when it is there, else computed into it.
 
-    compute(task, path) writes the row's result at `path` (atomically). Returns {key: what happened}
+    compute(task, path) writes the row's result at `path` (atomically). on_done(task), if given, is
+    called once a row's output is in place (it must not raise). Returns {key: what happened}
     ("computed", "reused", "failed", "upstream failed").
     """
     folder = Path(store, stage)
@@ -152,6 +154,8 @@ def run_rows(
                     log.info("row %s (%d/%d): %s reused from the store (%s)", task.key, number, len(tasks), stage,
                              entry.name)
                     outcome[task.key] = "reused"
+                    if on_done:
+                        on_done(task)
                     continue
                 log.info("row %s (%d/%d): %s", task.key, number, len(tasks), stage)
                 injected_fault(stage, task.key)
@@ -160,6 +164,8 @@ def run_rows(
                 link_into(entry, out)
                 log.info("row %s: %s done in %.1f s", task.key, stage, time.perf_counter() - started)
                 outcome[task.key] = "computed"
+                if on_done:
+                    on_done(task)
             except Exception as err:  # noqa: BLE001 - one row's failure must not lose the others
                 log.exception("row %s: %s failed after %.1f s", task.key, stage, time.perf_counter() - started)
                 failures[task.key] = (task, f"{err.__class__.__name__}: {err}")

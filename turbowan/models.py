@@ -11,6 +11,7 @@ prepare_models, or ComfyUI's) or `.pth` (memory-mapped, weights only); the pipel
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from accelerate import init_empty_weights
 
-from .attention import install_attention, resolve_attention
+from .attention import SLAAttnProcessor, install_attention, resolve_attention
 from .formats import (
     KIND_WORDS,
     CheckpointError,
@@ -98,12 +99,19 @@ def _stream_state_dict(
     return state
 
 
+STREAM_SWITCH_INTERVAL_S = 0.0002
+
+
 @contextmanager
 def _streaming(info: ModelInfo, table: dict[str, str], device: torch.device, dtype_for, transform=None):
     """Stream the file's tensors to the device in a background thread while the caller imports
     diffusers or transformers and builds the empty network: the imports take seconds in every job
     (6 s on the H100 machine), and so does reading a 28.6 GB expert (4 s warm), so the two overlap.
-    Yields a function that waits for the state dict; if the caller fails first, the stream stops."""
+    Yields a function that waits for the state dict; if the caller fails first, the stream stops.
+
+    Importing holds Python's GIL almost throughout, and by default a waiting thread gets it only
+    every 5 ms: the stream, which takes the GIL a few times per tensor (an expert has 1,100), would
+    crawl. So while both run, the interpreter switches threads every 0.2 ms."""
     stop = threading.Event()
     if device.type == "cuda" and device.index is None:  # the caller's card: a new thread starts on card 0
         device = torch.device("cuda", torch.cuda.current_device())
@@ -113,13 +121,18 @@ def _streaming(info: ModelInfo, table: dict[str, str], device: torch.device, dty
             torch.cuda.set_device(device)
         return _stream_state_dict(info, table, device, dtype_for, transform, stop)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream") as pool:
-        future = pool.submit(stream)
-        try:
-            yield future.result
-        except BaseException:
-            stop.set()
-            raise
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream") as pool:
+            future = pool.submit(stream)
+            try:
+                yield future.result
+            except BaseException:
+                stop.set()
+                raise
+    finally:
+        sys.setswitchinterval(switch_interval)
 
 
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -150,11 +163,11 @@ class ChunkedFeedForward(torch.nn.Module):
         return torch.cat([self.ffn(part) for part in parts], dim=1)
 
 
-# Cards with less memory than this (24 GB consumer cards) get their experts' feed-forwards chunked.
+# Cards with less memory than this (24 GB consumer cards) get their experts' activations sliced.
 SMALL_CARD_BYTES = 40 * 1024**3
 
 
-def ffn_chunks_for(setting: int | str, device: torch.device) -> int:
+def activation_slices_for(setting: int | str, device: torch.device) -> int:
     """'auto': 8 slices on a card under 40 GB (with int8 experts a 720p job then fits 24 GB), else 1."""
     if setting != "auto":
         return max(1, int(setting))
@@ -163,11 +176,15 @@ def ffn_chunks_for(setting: int | str, device: torch.device) -> int:
     return 8 if torch.cuda.get_device_properties(device).total_memory < SMALL_CARD_BYTES else 1
 
 
-def chunk_feed_forward(model: torch.nn.Module, chunks: int) -> None:
-    """Wrap every transformer block's `ffn` (after the weights are in: the wrapper renames its keys)."""
-    if chunks > 1:
+def slice_activations(model: torch.nn.Module, slices: int) -> None:
+    """Each block's feed-forward over `slices` slices of the sequence, and its SLA self-attention
+    (with RoPE) over `slices` groups of heads: the same output with a fraction of the two largest
+    working sets. Call after the weights are in (the feed-forward wrapper renames its keys)."""
+    if slices > 1:
         for block in model.blocks:
-            block.ffn = ChunkedFeedForward(block.ffn, chunks)
+            block.ffn = ChunkedFeedForward(block.ffn, slices)
+            if isinstance(block.attn1.processor, SLAAttnProcessor):
+                block.attn1.processor.slices = slices
 
 
 # The expert's modules kept in float32: diffusers' WanTransformer3DModel._keep_in_fp32_modules
@@ -184,7 +201,7 @@ def load_transformer(
     attention: str = "auto",
     sla_topk: float = 0.1,
     kernels: bool = True,
-    ffn_chunks: int | str = "auto",
+    activation_slices: int | str = "auto",
     compile: bool = False,
 ):
     """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
@@ -192,7 +209,7 @@ def load_transformer(
     Weights go to `dtype` except DIT_FP32_MODULES, which stay float32; int8 layers keep their int8
     weights and float32 scales (turbowan.int8). `attention`: auto | sla | sagesla | sdpa
     (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a GPU with turbodiffusion
-    (for comparisons). ffn_chunks: see ffn_chunks_for. compile: see turbowan.compiled.
+    (for comparisons). activation_slices: see activation_slices_for. compile: see turbowan.compiled.
     """
     path = Path(path)
     started = announce_load(log, "expert", path, device)
@@ -226,8 +243,8 @@ def load_transformer(
     if mode == "sdpa":
         state = {k: v for k, v in state.items() if f".{SLA_MODULE}." not in k}
     _assign(model, state, path)
-    chunks = ffn_chunks_for(ffn_chunks, device)
-    chunk_feed_forward(model, chunks)
+    slices = activation_slices_for(activation_slices, device)
+    slice_activations(model, slices)
     model.to(device).eval().requires_grad_(False)
     if compile:
         compile_blocks(model)
@@ -235,7 +252,7 @@ def load_transformer(
         "loaded expert %s: %s; attention %s (%s, topk %s)%s%s%s in %s",
         path, info.describe(), mode, implementation, sla_topk,
         f"; int8 linears via {int8_backend}" if int8_backend else "",
-        f"; feed-forward in {chunks} slices of the sequence" if chunks > 1 else "",
+        f"; activations in {slices} slices (feed-forward by tokens, SLA by heads)" if slices > 1 else "",
         "; blocks compiled (torch.compile, on first use)" if compile else "", took(path, started),
     )
     if mode == "sdpa" and info.sla:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,7 +18,7 @@ import torch
 from .artifacts import (
     ArtifactError, check_made_from, failure_record, failure_words, fingerprint, load_artifact, save_artifact,
 )
-from .batch import RowTask, run_rows
+from .batch import RowTask, run_rows, store_key
 from .compiled import compile_wanted
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
@@ -65,13 +67,13 @@ class Lazy:
         self._value = None
 
 
-def _run(stage: str, tasks: list[RowTask], compute, store, job_log) -> None:
+def _run(stage: str, tasks: list[RowTask], compute, store, job_log, on_done=None) -> None:
     """Run a group's rows; without a store (a direct call, a test) compute straight into the output."""
     if store is None:
         for task in tasks:
             compute(task, Path(task.out))
         return
-    run_rows(stage, tasks, compute, store, job_log)
+    run_rows(stage, tasks, compute, store, job_log, on_done)
 
 
 # --- encode_prompt: prompt text -> umT5 embedding -----------------------------------------------
@@ -193,9 +195,15 @@ def encode_image(
 
 def decode_latents(
     rows: list[Mapping[str, Any]], vae: str, device: str = "auto", vae_dtype: str = "auto", frugal: int = 0,
-    store: str | None = None, job_log: str | None = None,
+    store: str | None = None, job_log: str | None = None, mp4: Mapping[str, int] | None = None,
 ) -> None:
-    """rows: [{key, latent, video, out}] -> each row's frames folder (lossless PNG)."""
+    """rows: [{key, latent, video, out}] -> each row's frames folder (lossless PNG).
+
+    mp4 ({fps, quality}, with a store): while the GPU decodes a row, the CPU makes the mp4 of the
+    row before it, into the store, where that row's encode_video job then finds it. The group's
+    last row is left to its encode_video job, which runs beside the next GPU job instead of
+    keeping this one (and its card) waiting.
+    """
     dev = resolve_device(device)
     model = Lazy(lambda: _load_vae(vae, dev, vae_dtype))
 
@@ -213,7 +221,15 @@ def decode_latents(
             save_frames(frames, path, made_by)
 
     tasks = [_vae_task(row, {"latent": row["latent"], "vae": vae}, vae_dtype, dev) for row in rows]
-    _run("decode", tasks, compute, store, job_log)
+    if not (mp4 and store):
+        _run("decode", tasks, compute, store, job_log)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4") as encoder:
+        def make_mp4_early(task: RowTask) -> None:
+            if task is not tasks[-1]:
+                encoder.submit(_mp4_into_store, task.out, task.values["video"], mp4["fps"], mp4["quality"], store)
+
+        _run("decode", tasks, compute, store, job_log, make_mp4_early)
 
 
 def decode(
@@ -244,11 +260,11 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
         )
 
 
-def _expert(expert: str, dev: torch.device, dtype: str, attn: dict, ffn_chunks: int | str) -> Lazy:
+def _expert(expert: str, dev: torch.device, dtype: str, attn: dict, activation_slices: int | str) -> Lazy:
     """attn: attention, sla_topk and compile (turbowan.compiled.compile_wanted, resolved)."""
     def load():
         with phase("load expert"):
-            return load_transformer(expert, dev, resolve_dtype(dtype), **attn, ffn_chunks=ffn_chunks)
+            return load_transformer(expert, dev, resolve_dtype(dtype), **attn, activation_slices=activation_slices)
 
     return Lazy(load)
 
@@ -272,13 +288,13 @@ def _sampling_task(
 def sample_high_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
     attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, job_log: str | None = None,
-    ffn_chunks: int | str = "auto", compile: bool | str = False,
+    activation_slices: int | str = "auto", compile: bool | str = False,
 ) -> None:
     """rows: [{key, text, cond, sampling, video, out}]. Start each row's sampling and run its
     high-noise steps; save x, the generator and the next step."""
     dev = resolve_device(device)
     attn = {"attention": attention, "sla_topk": float(sla_topk), "compile": compile_wanted(compile, dev)}
-    model = _expert(expert, dev, dtype, attn, ffn_chunks)
+    model = _expert(expert, dev, dtype, attn, activation_slices)
 
     def compute(task: RowTask, path: Path) -> None:
         sampling, video = task.values["sampling"], task.values["video"]
@@ -308,13 +324,13 @@ def sample_high_rows(
 def sample_low_rows(
     rows: list[Mapping[str, Any]], expert: str, device: str = "auto", dtype: str = "bfloat16",
     attention: str = "auto", sla_topk: float = 0.1, store: str | None = None, job_log: str | None = None,
-    ffn_chunks: int | str = "auto", compile: bool | str = False,
+    activation_slices: int | str = "auto", compile: bool | str = False,
 ) -> None:
     """rows: [{key, text, cond, boundary, sampling, video, out}]. Restore the state saved by
     sample_high and run the remaining (low-noise) steps."""
     dev = resolve_device(device)
     attn = {"attention": attention, "sla_topk": float(sla_topk), "compile": compile_wanted(compile, dev)}
-    model = _expert(expert, dev, dtype, attn, ffn_chunks)
+    model = _expert(expert, dev, dtype, attn, activation_slices)
 
     def compute(task: RowTask, path: Path) -> None:
         sampling, video = task.values["sampling"], task.values["video"]
@@ -367,6 +383,38 @@ def sample_low(
     sample_low_rows([row], expert, device, dtype, attention, sla_topk)
 
 
+def _mp4_task(frames_dir: str, out: str, video: dict[str, int], fps: int, quality: int, key: str) -> RowTask:
+    # the frames' record names the decode that made them (latent, VAE, dtype): it stands for their content
+    return RowTask(key, out, {**video, "fps": int(fps), "quality": int(quality)},
+                   {"frames": str(Path(frames_dir) / FRAMES_INFO)})
+
+
+def _write_mp4_of(frames_dir: str, path: Path, video: dict[str, int], fps: int, quality: int) -> None:
+    files, info = load_frames(frames_dir)
+    if (info["count"], info["width"], info["height"]) != (video["num_frames"], video["width"], video["height"]):
+        raise ArtifactError(
+            f"{frames_dir}: holds {info['count']} frames of {info['width']}x{info['height']}, "
+            f"expected {video['num_frames']} of {video['width']}x{video['height']}"
+        )
+    write_mp4(files, path, video["width"], video["height"], fps, quality)
+
+
+def _mp4_into_store(frames_dir: str, video: dict[str, int], fps: int, quality: int, store: str) -> None:
+    """The mp4 encode_video will want for these frames, made ahead into the store (decode_latents).
+    Best effort: on any error the encode_video job makes it itself."""
+    try:
+        task = _mp4_task(frames_dir, "", video, fps, quality, "")
+        entry = Path(store, "encode_video", store_key("encode_video", task.params, task.inputs))
+        if entry.exists():
+            return
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        _write_mp4_of(frames_dir, entry, video, fps, quality)
+        log.info("mp4 of %s made ahead, beside the decoding, in %.1f s", frames_dir, time.perf_counter() - started)
+    except Exception as err:  # noqa: BLE001 - the encode_video job will do it
+        log.warning("could not make the mp4 of %s ahead (%s); its encode_video job will", frames_dir, err)
+
+
 def encode_video(
     frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int, key: str = "video",
     store: str | None = None,
@@ -379,16 +427,7 @@ def encode_video(
         raise ArtifactError(f"{failure_words(failed)}: {failed['error']}")
 
     def compute(task: RowTask, path: Path) -> None:
-        files, info = load_frames(frames_dir)
-        if (info["count"], info["width"], info["height"]) != (video["num_frames"], video["width"], video["height"]):
-            raise ArtifactError(
-                f"{frames_dir}: holds {info['count']} frames of {info['width']}x{info['height']}, "
-                f"expected {video['num_frames']} of {video['width']}x{video['height']}"
-            )
-        write_mp4(files, path, video["width"], video["height"], fps, quality)
-        log.info("wrote %s (%d frames at %d fps)", Path(out), len(files), fps)
+        _write_mp4_of(frames_dir, path, video, fps, quality)
+        log.info("wrote %s (%d frames at %d fps)", Path(out), video["num_frames"], fps)
 
-    # the frames' record names the decode that made them (latent, VAE, dtype): it stands for their content
-    task = RowTask(key, out, {**video, "fps": int(fps), "quality": int(quality)},
-                   {"frames": str(Path(frames_dir) / FRAMES_INFO)})
-    _run("encode_video", [task], compute, store, None)
+    _run("encode_video", [_mp4_task(frames_dir, out, video, fps, quality, key)], compute, store, None)
