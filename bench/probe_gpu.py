@@ -149,8 +149,8 @@ def probe_int8(path: str, video: dict) -> None:
     from turbowan.models import load_transformer
 
     cuda = torch.device("cuda")
-    torch.cuda.set_per_process_memory_fraction(22 * GB / torch.cuda.get_device_properties(0).total_memory)
-    for chunks, compiled in ((8, False), (8, True), (1, True)):
+    torch.cuda.set_per_process_memory_fraction(22e9 / torch.cuda.get_device_properties(0).total_memory)
+    for chunks, compiled in ((8, False), (8, True)):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:

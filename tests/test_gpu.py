@@ -88,3 +88,61 @@ def test_compiled_expert_matches_eager_on_cuda(demo_models):
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
+
+
+def _one_block_expert(path, device) -> None:
+    """A full-width A14B expert with one block (5120 wide, 40 heads, FFN 13824; SLA weights), random."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from turbowan.keymaps import dit_key_to_official
+
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36,
+                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=1, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None)
+    with init_empty_weights():
+        model = WanTransformer3DModel(**config)
+    tensors = {}
+    for name, param in model.named_parameters():
+        t = torch.randn(param.shape, device=device, dtype=torch.bfloat16) * 0.02
+        if "norm" in name and name.endswith("weight"):
+            t = torch.ones_like(t)
+        key = dit_key_to_official(name)
+        tensors[key] = (t.reshape(t.shape[0], -1) if key == "patch_embedding.weight" else t).cpu()
+    tensors["blocks.0.self_attn.attn_op.local_attn.proj_l.weight"] = torch.randn(128, 128).to(torch.bfloat16) * 0.02
+    tensors["blocks.0.self_attn.attn_op.local_attn.proj_l.bias"] = torch.zeros(128, dtype=torch.bfloat16)
+    save_file(tensors, str(path))
+
+
+def test_a_block_at_720p_stays_under_the_memory_bounds(tmp_path):
+    """Peak activation memory of one full-size block at 720p (81 frames: 75,600 tokens), beyond its
+    weights and inputs: within issue 4's 10 GB whole, and a fraction of that in 8 slices, with the
+    same output."""
+    from turbowan.models import load_transformer
+
+    cuda = torch.device("cuda")
+    path = tmp_path / "one-block.safetensors"
+    _one_block_expert(path, cuda)
+    g = torch.Generator(device=cuda).manual_seed(5)
+    x = torch.randn(1, 36, 21, 90, 160, generator=g, device=cuda).to(torch.bfloat16)
+    text = torch.randn(1, 512, 4096, generator=g, device=cuda).to(torch.bfloat16)
+    step = torch.tensor([900.0], device=cuda).to(torch.bfloat16)
+    peaks, outs = {}, {}
+    for slices in (1, 8):
+        model = load_transformer(path, cuda, attention="sla", activation_slices=slices)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            outs[slices] = model(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)[0]
+        torch.cuda.synchronize()
+        peaks[slices] = (torch.cuda.max_memory_allocated() - before) / 1e9
+        del model
+        torch.cuda.empty_cache()
+    print(f"activation peak over weights and inputs, one block at 720p: whole {peaks[1]:.2f} GB, 8 slices {peaks[8]:.2f} GB")
+    assert peaks[1] <= 10.0  # bf16 expert job: weights + 10 GB
+    # int8 expert (14.6 GB of weights) on a 24 GB card: an expert job within 22 GB leaves 7.4 GB
+    assert peaks[8] <= 6.5 and peaks[8] <= 0.6 * peaks[1]
+    rel = ((outs[8].float() - outs[1].float()).norm() / outs[1].float().norm()).item()
+    assert rel < 1e-2, rel

@@ -96,7 +96,7 @@ def test_truncated_and_missing_files_are_named(tmp_path, demo_models):
 
 
 def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activations(demo_models):
-    from turbowan.models import ChunkedFeedForward
+    from turbowan.slicing import ChunkedFeedForward
 
     cpu = torch.device("cpu")
     whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", activation_slices=1)
@@ -151,7 +151,7 @@ def test_a_stream_error_names_the_file(tmp_path, demo_models):
 
 def test_compiled_blocks_give_the_eager_output(demo_models):
     """torch.compile over the blocks (here with dynamo's eager backend, so no C compiler is needed:
-    it checks that the blocks, SLA and the sliced feed-forward trace; the GPU test runs Inductor)."""
+    it checks that the sliced blocks and SLA trace; the GPU test runs Inductor)."""
     import torch._dynamo
 
     from turbowan.compiled import compile_blocks
@@ -186,30 +186,26 @@ def test_compile_setting():
         compile_wanted("sometimes", torch.device("cpu"))
 
 
-def test_sla_and_rope_over_groups_of_heads_give_the_same_output(demo_models):
-    """activation_slices also splits SLA (and RoPE) by heads: each group sees only its heads."""
+def test_sliced_sla_blocks_give_the_same_output_a_slice_at_a_time(demo_models):
+    """With SLA, activation_slices runs whole blocks in slices: the feed-forward and the q/k/v
+    projections see a slice of the tokens, SLA a group of heads."""
+    from turbowan.slicing import SlicedBlock
+
     cpu = torch.device("cpu")
     whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=1)
     sliced = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=2)
-    heads_seen = []
-    sliced.blocks[0].attn1.sla.register_forward_hook(lambda _m, inputs, _out: heads_seen.append(inputs[0].shape[2]))
+    assert all(isinstance(block, SlicedBlock) for block in sliced.blocks)
+    heads_seen, tokens_seen = [], []
+    first = sliced.blocks[0].block
+    first.attn1.sla.register_forward_hook(lambda _m, inputs, _out: heads_seen.append(inputs[0].shape[2]))
+    first.ffn.register_forward_hook(lambda _m, inputs, _out: tokens_seen.append(inputs[0].shape[1]))
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 36, 3, 16, 16, generator=gen)  # 192 tokens: several SLA key blocks
+    x = torch.randn(1, 36, 3, 16, 16, generator=gen)  # 3 x 8 x 8 = 192 tokens: several SLA key blocks
     text = torch.randn(1, 16, whole.config.text_dim, generator=gen)
     t = torch.tensor([700.0])
     with torch.no_grad():
         expected = whole(x, t, text, return_dict=False)[0]
         got = sliced(x, t, text, return_dict=False)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert heads_seen == [1, 1]  # the demo expert's 2 heads, one group each
-
-
-def test_rope_in_groups_of_heads_is_exact():
-    from turbowan.attention import apply_rotary
-
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 10, 5, 8, generator=gen).to(torch.bfloat16)
-    angles = torch.randn(1, 10, 1, 8, generator=gen)
-    whole = apply_rotary(x, angles.cos(), angles.sin())
-    for slices in (2, 3, 5):
-        assert torch.equal(apply_rotary(x, angles.cos(), angles.sin(), slices), whole)
+    assert heads_seen == [1, 1]  # the demo expert's 2 heads, a group each
+    assert tokens_seen == [96, 96]

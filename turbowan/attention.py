@@ -150,32 +150,18 @@ class SparseLinearAttention(torch.nn.Module):
 # --------------------------------------------------------------------------- inside diffusers' network
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slices: int = 1) -> torch.Tensor:
-    """Wan's RoPE on interleaved pairs (x0, x1) of the head dim, as diffusers' Wan processor applies it.
-
-    x: (B, L, H, D). slices > 1: a group of heads at a time, so that its float32 temporaries exist
-    for one group only (the same numbers)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on interleaved pairs (x0, x1) of the head dim, as diffusers' Wan processor applies it."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
     out = torch.empty_like(x)
-    heads = x.shape[2]
-    step = -(-heads // slices)  # the group sizes of tensor.chunk
-    for h0 in range(0, heads, step):
-        h1 = min(heads, h0 + step)
-        x0, x1 = x[:, :, h0:h1].unflatten(-1, (-1, 2)).unbind(-1)
-        out[:, :, h0:h1, 0::2] = x0 * cos - x1 * sin
-        out[:, :, h0:h1, 1::2] = x0 * sin + x1 * cos
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
     return out.type_as(x)
 
 
 class SLAAttnProcessor:
-    """diffusers' Wan self-attention with `attn.sla` as its core (q/k norms and RoPE unchanged).
-
-    slices > 1 runs RoPE and SLA over that many groups of heads, one group at a time: heads are
-    independent in both, so the output is the same, with a fraction of SLA's working memory
-    (turbowan.models.slice_activations)."""
-
-    def __init__(self, slices: int = 1):
-        self.slices = slices
+    """diffusers' Wan self-attention with `attn.sla` as its core (q/k norms and RoPE unchanged)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -184,13 +170,8 @@ class SLAAttnProcessor:
         key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query, key = apply_rotary(query, *rotary_emb, self.slices), apply_rotary(key, *rotary_emb, self.slices)
-        if self.slices > 1:
-            groups = zip(*(t.chunk(self.slices, dim=2) for t in (query, key, value)))
-            out = torch.cat([attn.sla(q, k, v) for q, k, v in groups], dim=2)
-        else:
-            out = attn.sla(query, key, value)
-        out = out.flatten(2, 3).type_as(query)  # (B, L, H*D)
+            query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
+        out = attn.sla(query, key, value).flatten(2, 3).type_as(query)  # (B, L, H*D)
         return attn.to_out[1](attn.to_out[0](out))
 
 

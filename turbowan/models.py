@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from accelerate import init_empty_weights
 
-from .attention import SLAAttnProcessor, install_attention, resolve_attention
+from .attention import install_attention, resolve_attention
 from .formats import (
     KIND_WORDS,
     CheckpointError,
@@ -34,6 +34,7 @@ from .formats import (
 from .compiled import compile_blocks
 from .int8 import swap_in_int8_linears
 from .safetensors_io import SafetensorsFile, SafetensorsFormatError
+from .slicing import activation_slices_for, slice_activations
 from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
 from .progress import announce_load, took
 
@@ -147,46 +148,6 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
 # --------------------------------------------------------------------------- the DiT experts
 
 
-class ChunkedFeedForward(torch.nn.Module):
-    """A block's feed-forward run over `chunks` slices of the sequence, one after another.
-
-    Its 13824-wide hidden activations (2 GB per tensor for the 75,600 tokens of a 720p video) then
-    exist for one slice at a time. The feed-forward works token by token, so the result is the same.
-    """
-
-    def __init__(self, ffn: torch.nn.Module, chunks: int):
-        super().__init__()
-        self.ffn, self.chunks = ffn, chunks
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, L, D]
-        parts = hidden_states.chunk(self.chunks, dim=1)
-        return torch.cat([self.ffn(part) for part in parts], dim=1)
-
-
-# Cards with less memory than this (24 GB consumer cards) get their experts' activations sliced.
-SMALL_CARD_BYTES = 40 * 1024**3
-
-
-def activation_slices_for(setting: int | str, device: torch.device) -> int:
-    """'auto': 8 slices on a card under 40 GB (with int8 experts a 720p job then fits 24 GB), else 1."""
-    if setting != "auto":
-        return max(1, int(setting))
-    if device.type != "cuda":
-        return 1
-    return 8 if torch.cuda.get_device_properties(device).total_memory < SMALL_CARD_BYTES else 1
-
-
-def slice_activations(model: torch.nn.Module, slices: int) -> None:
-    """Each block's feed-forward over `slices` slices of the sequence, and its SLA self-attention
-    (with RoPE) over `slices` groups of heads: the same output with a fraction of the two largest
-    working sets. Call after the weights are in (the feed-forward wrapper renames its keys)."""
-    if slices > 1:
-        for block in model.blocks:
-            block.ffn = ChunkedFeedForward(block.ffn, slices)
-            if isinstance(block.attn1.processor, SLAAttnProcessor):
-                block.attn1.processor.slices = slices
-
-
 # The expert's modules kept in float32: diffusers' WanTransformer3DModel._keep_in_fp32_modules
 # (time embedder, norms, modulation tables) and SLA's proj_l (REFERENCE.md section 4). Written out
 # so that the weights can stream in their final dtypes while diffusers is still being imported; a
@@ -252,7 +213,7 @@ def load_transformer(
         "loaded expert %s: %s; attention %s (%s, topk %s)%s%s%s in %s",
         path, info.describe(), mode, implementation, sla_topk,
         f"; int8 linears via {int8_backend}" if int8_backend else "",
-        f"; activations in {slices} slices (feed-forward by tokens, SLA by heads)" if slices > 1 else "",
+        f"; blocks in {slices} slices (tokens; SLA by heads)" if slices > 1 else "",
         "; blocks compiled (torch.compile, on first use)" if compile else "", took(path, started),
     )
     if mode == "sdpa" and info.sla:
