@@ -149,8 +149,9 @@ def probe_int8(path: str, video: dict) -> None:
     from turbowan.models import load_transformer
 
     cuda = torch.device("cuda")
-    torch.cuda.set_per_process_memory_fraction(22e9 / torch.cuda.get_device_properties(0).total_memory)
-    for chunks, compiled in ((8, False), (8, True)):
+    cap = 22e9 / torch.cuda.get_device_properties(0).total_memory
+    for chunks, compiled, capped in ((8, False, True), (8, True, True), (1, True, False)):
+        torch.cuda.set_per_process_memory_fraction(cap if capped else 1.0)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -159,7 +160,8 @@ def probe_int8(path: str, video: dict) -> None:
             inputs = expert_inputs(model, video)
             first, _ = timed(lambda: forward(model, inputs))
             steady, _ = timed(lambda: forward(model, inputs), 2)
-            print(f"int8 (activation_slices {chunks}, compile {compiled}): load {seconds:.1f} s, weights {weights:.2f} GB, "
+            print(f"int8 (activation_slices {chunks}, compile {compiled}, {'under a 22 GB cap' if capped else 'no cap'}): "
+                  f"load {seconds:.1f} s, weights {weights:.2f} GB, "
                   f"forward first {first:.2f} s, steady {steady:.2f} s; {peak()}", flush=True)
         except torch.OutOfMemoryError:
             print(f"int8 (activation_slices {chunks}, compile {compiled}): out of memory under the 22 GB cap; {peak()}",
