@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh int8 [N]   720p, N (2) rows on one card: int8 experts (activation_slices
 #                                        8), then bf16, then the int8 probe under a 22 GB cap
 #   bash bench/gpu_session.sh tests      the GPU tests, then the int8 probe
+#   bash bench/gpu_session.sh last       tests/test_gpu.py, then the bf16 expert probe (eager, compiled)
 #   bash bench/gpu_session.sh probe      bench/probe_gpu.py at 720p (imports, norms, compile, int8
 #                                        under a 22 GB cap, VAE), then the GPU tests
 # Results go to $OUT (the device tool's folder) or /tmp/bench-out. Setup is skipped when a warm
@@ -54,6 +55,10 @@ case "${1:-cards}" in
     stamp "int8"; bench pipeline --resolution 720p --rows "${2:-2}" --gpus 1 --int8 --activation-slices 8 --tag p720int8 > "$OUT/p720int8.txt" 2>&1
     stamp "bf16"; bench pipeline --resolution 720p --rows "${2:-2}" --gpus 1 --tag p720bf16 > "$OUT/p720bf16.txt" 2>&1
     stamp "probe"; timeout 60 python3 bench/probe_gpu.py --models $W/models --only int8 > "$OUT/probe.txt" 2>&1
+    ;;
+  last)
+    stamp "gpu tests"; timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -s tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
+    stamp "probe"; timeout 150 python3 bench/probe_gpu.py --models $W/models --only expert > "$OUT/probe.txt" 2>&1
     ;;
   tests)
     stamp "gpu tests"; timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -s tests/test_gpu.py tests/test_gpu_kernels.py > "$OUT/gpu-tests.txt" 2>&1

@@ -209,3 +209,26 @@ def test_sliced_sla_blocks_give_the_same_output_a_slice_at_a_time(demo_models):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert heads_seen == [1, 1]  # the demo expert's 2 heads, a group each
     assert tokens_seen == [96, 96]
+
+
+def test_sla_over_groups_of_heads_gives_the_same_output(demo_models):
+    """The processor runs SLA a group of heads at a time (less working memory): same output as one call."""
+    from turbowan.attention import SLAAttnProcessor
+
+    cpu = torch.device("cpu")
+    model = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=1)
+    calls = []
+    model.blocks[0].attn1.sla.register_forward_hook(lambda _m, inputs, _out: calls.append(inputs[0].shape[2]))
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 36, 3, 16, 16, generator=gen)
+    text = torch.randn(1, 16, model.config.text_dim, generator=gen)
+    t = torch.tensor([600.0])
+    outputs = {}
+    for groups in (1, 4):
+        for block in model.blocks:
+            block.attn1.set_processor(SLAAttnProcessor(head_groups=groups))
+        calls.clear()
+        with torch.no_grad():
+            outputs[groups] = model(x, t, text, return_dict=False)[0]
+        assert calls == ([2] if groups == 1 else [1, 1])  # the demo expert's 2 heads
+    torch.testing.assert_close(outputs[4], outputs[1], rtol=1e-5, atol=1e-5)

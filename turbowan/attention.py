@@ -160,8 +160,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+def pieces(length: int, count: int) -> list[slice]:
+    """`count` consecutive pieces of range(length), as tensor.chunk cuts them."""
+    step = -(-length // count)
+    return [slice(start, min(length, start + step)) for start in range(0, length, step)]
+
+
+# SLA runs over this many groups of heads, one after another: heads are independent, and the
+# kernel's working copies (q, k, v transposed, feature maps, both branches' outputs: about 7 GB at
+# 720p in one call) then exist for a quarter of the heads at a time.
+SLA_HEAD_GROUPS = 4
+
+
 class SLAAttnProcessor:
-    """diffusers' Wan self-attention with `attn.sla` as its core (q/k norms and RoPE unchanged)."""
+    """diffusers' Wan self-attention with `attn.sla` as its core (q/k norms and RoPE unchanged),
+    SLA over SLA_HEAD_GROUPS groups of heads."""
+
+    def __init__(self, head_groups: int = SLA_HEAD_GROUPS):
+        self.head_groups = head_groups
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -171,8 +187,16 @@ class SLAAttnProcessor:
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             query, key = apply_rotary(query, *rotary_emb), apply_rotary(key, *rotary_emb)
-        out = attn.sla(query, key, value).flatten(2, 3).type_as(query)  # (B, L, H*D)
+        out = sla_by_heads(attn.sla, query, key, value, self.head_groups).flatten(2, 3)  # (B, L, H*D)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def sla_by_heads(sla: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """SLA over `groups` groups of heads, one at a time; (B, L, H, D) in and out, in q's dtype."""
+    out = torch.empty_like(q)
+    for h in pieces(q.shape[2], groups):
+        out[:, :, h] = sla(q[:, :, h], k[:, :, h], v[:, :, h])
+    return out
 
 
 def _turbodiffusion_sla():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import SLAAttnProcessor, apply_rotary
+from .attention import SLA_HEAD_GROUPS, SLAAttnProcessor, apply_rotary, pieces, sla_by_heads
 
 # Cards with less memory than this (24 GB consumer cards) get their experts' activations sliced.
 SMALL_CARD_BYTES = 40 * 1024**3
@@ -26,12 +26,6 @@ def activation_slices_for(setting: int | str, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return 8 if torch.cuda.get_device_properties(device).total_memory < SMALL_CARD_BYTES else 1
-
-
-def _pieces(length: int, slices: int) -> list[slice]:
-    """`slices` consecutive pieces of range(length), as tensor.chunk cuts them."""
-    step = -(-length // slices)
-    return [slice(start, min(length, start + step)) for start in range(0, length, step)]
 
 
 class ChunkedFeedForward(torch.nn.Module):
@@ -62,12 +56,12 @@ class SlicedBlock(torch.nn.Module):
             raise ValueError("activation slices support one modulation per video (Wan2.2 A14B), not per token")
         shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
         batch, length, _ = hidden_states.shape
-        pieces = _pieces(length, self.slices)
+        token_slices = pieces(length, self.slices)
 
         # 1. Self-attention: q, k, v a slice of tokens at a time (norm, projection, RoPE), SLA a
         # group of heads at a time.
         q, k, v = (hidden_states.new_empty(batch, length, attn.heads, attn.inner_dim // attn.heads) for _ in range(3))
-        for s in pieces:
+        for s in token_slices:
             x = (block.norm1(hidden_states[:, s].float()) * (1 + scale) + shift).type_as(hidden_states)
             q_s = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # [B, l, H, 128]
             k_s = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
@@ -76,15 +70,13 @@ class SlicedBlock(torch.nn.Module):
                 q_s, k_s = apply_rotary(q_s, cos, sin), apply_rotary(k_s, cos, sin)
             q[:, s], k[:, s] = q_s, k_s
             v[:, s] = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        attended = torch.empty_like(q)  # [B, L, H, 128]
-        for h in _pieces(attn.heads, self.slices):
-            attended[:, :, h] = attn.sla(q[:, :, h], k[:, :, h], v[:, :, h])
+        attended = sla_by_heads(attn.sla, q, k, v, max(self.slices, SLA_HEAD_GROUPS))  # [B, L, H, 128]
         del q, k, v
         attended = attended.flatten(2, 3)  # [B, L, H*128]
 
         # 2. Then every token on its own: the gated residual, cross-attention, the feed-forward.
         out = torch.empty_like(hidden_states)
-        for s in pieces:
+        for s in token_slices:
             x = attn.to_out[1](attn.to_out[0](attended[:, s]))
             x = (hidden_states[:, s].float() + x * gate).type_as(hidden_states)
             x = x + block.attn2(block.norm2(x.float()).type_as(x), encoder_hidden_states, None, None)
