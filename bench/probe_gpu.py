@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from turbowan.sizes import PRESETS, latent_shape  # noqa: E402
 
-GB = 1024**3
+GB = 1e9  # bytes: memory is in GB (10^9 bytes) throughout, as the job logs give it
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, object]:

@@ -67,10 +67,10 @@ def _peak_rss_gb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024**2
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def run_stage(
@@ -106,9 +106,9 @@ def run_stage(
         rss_gb = _peak_rss_gb()
         gpu = ""
         if torch.cuda.is_available():
-            # allocated: what the tensors needed; reserved: what PyTorch's cache held (a card must fit this)
-            gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB "
-                   f"(reserved {torch.cuda.max_memory_reserved() / 1024**3:.2f} GB)")
+            # allocated: what the tensors needed; reserved: what PyTorch's cache held. GB = 10^9 bytes.
+            gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
+                   f"(reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB)")
         log.info("%s done in %.1f s; peak host RSS %.2f GB%s", name, time.perf_counter() - started, rss_gb, gpu)
     finally:
         if card:
