@@ -95,6 +95,16 @@ def test_truncated_and_missing_files_are_named(tmp_path, demo_models):
         load_vae(tmp_path / "nothere.safetensors", torch.device("cpu"))
 
 
+def run_expert(model, latent_size: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """The expert once on random inputs (a latent of `latent_size` frames x height x width, 16 text
+    tokens), the same for every model given the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 36, *latent_size, generator=gen)
+    text = torch.randn(1, 16, model.config.text_dim, generator=gen)
+    with torch.no_grad():
+        return model(x, torch.tensor([500.0]), text, return_dict=False)[0]
+
+
 def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activations(demo_models):
     from turbowan.slicing import ChunkedFeedForward
 
@@ -104,14 +114,8 @@ def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activa
     assert all(isinstance(block.ffn, ChunkedFeedForward) and block.ffn.chunks == 3 for block in sliced.blocks)
     widths = []  # tokens reaching the FFN's wide hidden layer, per call
     sliced.blocks[0].ffn.ffn.net[0].register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 36, 2, 8, 12, generator=gen)  # 2 x 4 x 6 = 48 tokens after 1x2x2 patches
-    text = torch.randn(1, 16, whole.config.text_dim, generator=gen)
-    t = torch.tensor([500.0])
-    with torch.no_grad():
-        expected = whole(x, t, text, return_dict=False)[0]
-        got = sliced(x, t, text, return_dict=False)[0]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    size = (2, 8, 12)  # 2 x 4 x 6 = 48 tokens after 1x2x2 patches
+    torch.testing.assert_close(run_expert(sliced, size, 0), run_expert(whole, size, 0), rtol=1e-5, atol=1e-5)
     assert widths == [16, 16, 16]
 
 
@@ -163,14 +167,8 @@ def test_compiled_blocks_give_the_eager_output(demo_models):
     compile_blocks(compiled, backend="eager")
     counts = torch._dynamo.utils.counters
     counts.clear()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 36, 2, 8, 12, generator=gen)
-    text = torch.randn(1, 16, eager.config.text_dim, generator=gen)
-    t = torch.tensor([500.0])
-    with torch.no_grad():
-        expected = eager(x, t, text, return_dict=False)[0]
-        got = compiled(x, t, text, return_dict=False)[0]
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    expected = run_expert(eager, (2, 8, 12), 1)
+    torch.testing.assert_close(run_expert(compiled, (2, 8, 12), 1), expected, rtol=0, atol=0)
     assert counts["stats"]["unique_graphs"] >= 1  # dynamo captured the blocks
     torch._dynamo.reset()
 
@@ -199,14 +197,9 @@ def test_sliced_sla_blocks_give_the_same_output_a_slice_at_a_time(demo_models):
     first = sliced.blocks[0].block
     first.attn1.sla.register_forward_hook(lambda _m, inputs, _out: heads_seen.append(inputs[0].shape[2]))
     first.ffn.register_forward_hook(lambda _m, inputs, _out: tokens_seen.append(inputs[0].shape[1]))
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 36, 3, 16, 16, generator=gen)  # 3 x 8 x 8 = 192 tokens: several SLA key blocks
-    text = torch.randn(1, 16, whole.config.text_dim, generator=gen)
-    t = torch.tensor([700.0])
-    with torch.no_grad():
-        expected = whole(x, t, text, return_dict=False)[0]
-        got = sliced(x, t, text, return_dict=False)[0]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    size = (3, 16, 16)  # 3 x 8 x 8 = 192 tokens: several SLA key blocks
+    expected = run_expert(whole, size, 2)
+    torch.testing.assert_close(run_expert(sliced, size, 2), expected, rtol=1e-5, atol=1e-5)
     assert heads_seen == [1, 1]  # the demo expert's 2 heads, a group each
     assert tokens_seen == [96, 96]
 
@@ -219,16 +212,11 @@ def test_sla_over_groups_of_heads_gives_the_same_output(demo_models):
     model = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=1)
     calls = []
     model.blocks[0].attn1.sla.register_forward_hook(lambda _m, inputs, _out: calls.append(inputs[0].shape[2]))
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(1, 36, 3, 16, 16, generator=gen)
-    text = torch.randn(1, 16, model.config.text_dim, generator=gen)
-    t = torch.tensor([600.0])
     outputs = {}
     for groups in (1, 4):
         for block in model.blocks:
             block.attn1.set_processor(SLAAttnProcessor(head_groups=groups))
         calls.clear()
-        with torch.no_grad():
-            outputs[groups] = model(x, t, text, return_dict=False)[0]
+        outputs[groups] = run_expert(model, (3, 16, 16), 6)
         assert calls == ([2] if groups == 1 else [1, 1])  # the demo expert's 2 heads
     torch.testing.assert_close(outputs[4], outputs[1], rtol=1e-5, atol=1e-5)
