@@ -106,9 +106,7 @@ def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return (fq @ kv) / (1e-5 + (fq * k_sum).sum(dim=-1, keepdim=True))
 
 
-@torch.compiler.disable
 def _run_kernel(kernel: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """turbodiffusion's SLA kernel, outside compiled graphs (turbowan.compiled)."""
     return kernel(q, k, v)
 
 
@@ -129,10 +127,13 @@ class SparseLinearAttention(torch.nn.Module):
         self._kernel = [kernel] if kernel is not None else []  # a list: not a registered submodule
         if kernel is not None:
             kernel.proj_l = self.proj_l
+            # the kernel runs outside compiled graphs (turbowan.compiled); wrapped here, not at import,
+            # because torch.compiler.disable imports dynamo (a second), which only expert jobs need
+            self._call_kernel = torch.compiler.disable(_run_kernel)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._kernel and q.is_cuda and int(self.topk * math.ceil(q.shape[1] / self.blkk)) >= 1:
-            return _run_kernel(self._kernel[0], q, k, v)
+            return self._call_kernel(self._kernel[0], q, k, v)
         dtype = q.dtype
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
         blocks = sla_block_map(q, k, self.topk, self.blkq, self.blkk)  # chosen on the inputs' dtype
