@@ -38,7 +38,7 @@ def finished_files(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def test_sigkill_inside_a_group_loses_only_the_row_in_flight(tmp_path):
-    folder = make_workdir(tmp_path, THREE_ROWS)  # batch_rows 4: one job per stage serves r1, r2, r3
+    folder = make_workdir(tmp_path, THREE_ROWS)  # default batch_rows: one job per stage serves r1, r2, r3
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(folder), "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--cores", "1",
            "--resources", "gpu=1", "--configfile", str(folder / "config.yaml")]

@@ -9,7 +9,7 @@ One batch is run per module (tiny sizes, demo models built by the workflow itsel
      jobs run again and link the other rows' results from the store), the gallery rule remakes
      the gallery, onsuccess rewrites summary.csv; then `--report report.html`.
 
-The three rows are one group (batch_rows 4): one job per GPU stage, named `<stage>_harbour~cafe.night`.
+The three rows are one group (the default batch_rows): one job per GPU stage, named `<stage>_harbour~cafe.night`.
 """
 
 import csv

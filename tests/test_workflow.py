@@ -22,7 +22,7 @@ def test_every_row_gets_its_video(finished):
         assert not (results / row / "frames").exists()  # temporary by default
         for rule in ("encode_image", "sample_high", "sample_low", "decode", "encode_video"):
             assert (results / "logs" / rule / f"{row}.log").stat().st_size > 0  # each row's own log
-    # one job per stage served both rows (batch_rows 4): its log and benchmark are the group's
+    # one job per stage served both rows (default batch_rows): its log and benchmark are the group's
     for rule in ("encode_image", "sample_high", "sample_low", "decode"):
         assert (results / "benchmarks" / rule / "boat~face.tsv").is_file()
         log = (results / "logs" / rule / "boat~face.log").read_text()
