@@ -25,6 +25,7 @@ the checkpoint was trained as.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -110,6 +111,13 @@ def _run_kernel(kernel: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
     return kernel(q, k, v)
 
 
+@functools.cache
+def _kernel_caller():
+    """_run_kernel, outside compiled graphs (turbowan.compiled). Made on first use, not at import:
+    torch.compiler.disable imports dynamo (a second), which only expert jobs need."""
+    return torch.compiler.disable(_run_kernel)
+
+
 class SparseLinearAttention(torch.nn.Module):
     """SLA: takes and returns (B, L, H, D), like turbodiffusion.SLA.SparseLinearAttention.
 
@@ -127,9 +135,7 @@ class SparseLinearAttention(torch.nn.Module):
         self._kernel = [kernel] if kernel is not None else []  # a list: not a registered submodule
         if kernel is not None:
             kernel.proj_l = self.proj_l
-            # the kernel runs outside compiled graphs (turbowan.compiled); wrapped here, not at import,
-            # because torch.compiler.disable imports dynamo (a second), which only expert jobs need
-            self._call_kernel = torch.compiler.disable(_run_kernel)
+            self._call_kernel = _kernel_caller()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._kernel and q.is_cuda and int(self.topk * math.ceil(q.shape[1] / self.blkk)) >= 1:
@@ -251,6 +257,8 @@ def install_attention(model: torch.nn.Module, mode: str, implementation: str, to
     if mode == "sdpa":
         return
     head_dim = model.config.attention_head_dim
+    if implementation.startswith("turbodiffusion"):
+        _kernel_caller()  # (its first call imports dynamo: here, not inside the meta-device context below)
     for block in model.blocks:
         with torch.device("meta"):
             kernel = None
