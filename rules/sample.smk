@@ -3,6 +3,18 @@
 # group's high steps first.
 
 
+# What both expert stages take from the config (and the store).
+EXPERT_PARAMS = {
+    "device": config["device"],
+    "dtype": config["dtype"],
+    "attention": config["attention"],
+    "sla_topk": config["sla_topk"],
+    "activation_slices": config["activation_slices"],
+    "compile": config["compile"],
+    "store": STORE,
+}
+
+
 def sampling_rows(ids, out, also=()):
     """A group's rows as the sampling stages take them: paths by name (text, cond and the artifacts
     named in `also`), the row's values, and its output file `out`."""
@@ -33,13 +45,7 @@ for group, ids in ROW_GROUPS.items():
             [row_path(i, "boundary.safetensors") for i in ids],
         params:
             rows=sampling_rows(ids, "boundary.safetensors"),
-            device=config["device"],
-            dtype=config["dtype"],
-            attention=config["attention"],
-            sla_topk=config["sla_topk"],
-            activation_slices=config["activation_slices"],
-            compile=config["compile"],
-            store=STORE,
+            **EXPERT_PARAMS,
         log:
             log_path("sample_high", group),
         benchmark:
@@ -64,13 +70,7 @@ for group, ids in ROW_GROUPS.items():
             [row_path(i, "latent.safetensors") for i in ids],
         params:
             rows=sampling_rows(ids, "latent.safetensors", also=("boundary",)),
-            device=config["device"],
-            dtype=config["dtype"],
-            attention=config["attention"],
-            sla_topk=config["sla_topk"],
-            activation_slices=config["activation_slices"],
-            compile=config["compile"],
-            store=STORE,
+            **EXPERT_PARAMS,
         log:
             log_path("sample_low", group),
         benchmark:

@@ -58,6 +58,11 @@ def store_key(stage: str, params: Mapping[str, Any], inputs: Mapping[str, str]) 
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def store_entry(store: str | os.PathLike, stage: str, task: RowTask) -> Path:
+    """Where a task's result lives in the store: `<store>/<stage>/<key>`."""
+    return Path(store, stage, store_key(stage, task.params, task.inputs))
+
+
 def link_into(entry: Path, out: Path) -> None:
     """Make `out` the same file (or folder of files) as the store entry: hard links, else copies."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,6 @@ def run_rows(
     called once a row's output is in place (it must not raise). Returns {key: what happened}
     ("computed", "reused", "failed", "upstream failed").
     """
-    folder = Path(store, stage)
     outcome: dict[str, str] = {}
     failures: dict[str, tuple[RowTask, str]] = {}
     for number, task in enumerate(tasks, 1):
@@ -145,7 +149,7 @@ def run_rows(
                 continue
             started = time.perf_counter()
             try:
-                entry = folder / store_key(stage, task.params, task.inputs)
+                entry = store_entry(store, stage, task)
                 if entry.exists() and (problem := damaged(entry)):
                     log.warning("row %s: the stored result %s %s; computing it again", task.key, entry, problem)
                     remove(entry)
@@ -154,16 +158,14 @@ def run_rows(
                     log.info("row %s (%d/%d): %s reused from the store (%s)", task.key, number, len(tasks), stage,
                              entry.name)
                     outcome[task.key] = "reused"
-                    if on_done:
-                        on_done(task)
-                    continue
-                log.info("row %s (%d/%d): %s", task.key, number, len(tasks), stage)
-                injected_fault(stage, task.key)
-                folder.mkdir(parents=True, exist_ok=True)
-                compute(task, entry)
-                link_into(entry, out)
-                log.info("row %s: %s done in %.1f s", task.key, stage, time.perf_counter() - started)
-                outcome[task.key] = "computed"
+                else:
+                    log.info("row %s (%d/%d): %s", task.key, number, len(tasks), stage)
+                    injected_fault(stage, task.key)
+                    entry.parent.mkdir(parents=True, exist_ok=True)
+                    compute(task, entry)
+                    link_into(entry, out)
+                    log.info("row %s: %s done in %.1f s", task.key, stage, time.perf_counter() - started)
+                    outcome[task.key] = "computed"
                 if on_done:
                     on_done(task)
             except Exception as err:  # noqa: BLE001 - one row's failure must not lose the others
@@ -199,4 +201,4 @@ def collect_garbage(store: str | os.PathLike) -> tuple[int, int]:
     return removed, freed
 
 
-__all__ = ["collect_garbage", "RowFailed", "RowTask", "link_into", "run_rows", "store_key"]
+__all__ = ["collect_garbage", "RowFailed", "RowTask", "link_into", "run_rows", "store_entry", "store_key"]

@@ -18,7 +18,7 @@ import torch
 from .artifacts import (
     ArtifactError, check_made_from, failure_record, failure_words, fingerprint, load_artifact, save_artifact,
 )
-from .batch import RowTask, run_rows, store_key
+from .batch import RowTask, run_rows, store_entry
 from .compiled import compile_wanted
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
@@ -403,8 +403,7 @@ def _mp4_into_store(frames_dir: str, video: dict[str, int], fps: int, quality: i
     """The mp4 encode_video will want for these frames, made ahead into the store (decode_latents).
     Best effort: on any error the encode_video job makes it itself."""
     try:
-        task = _mp4_task(frames_dir, "", video, fps, quality, "")
-        entry = Path(store, "encode_video", store_key("encode_video", task.params, task.inputs))
+        entry = store_entry(store, "encode_video", _mp4_task(frames_dir, "", video, fps, quality, ""))
         if entry.exists():
             return
         entry.parent.mkdir(parents=True, exist_ok=True)
