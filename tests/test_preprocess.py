@@ -111,6 +111,11 @@ def test_conditioning_tensor_layout(demo_models, tmp_path):
     assert y.shape == (1, 20, 3, 4, 6) and y.dtype == torch.bfloat16
     assert (y[:, :4, 0] == 1).all() and (y[:, :4, 1:] == 0).all()
     assert y[:, 4:].abs().sum() > 0
+    # the latent is the VAE's encoding of the image followed by 8 black frames, normalised
+    with torch.no_grad():
+        mu = vae.encode(torch.cat([image[:, :, None], torch.zeros(1, 3, 8, 32, 48)], dim=2)).latent_dist.mean
+    mean, std = (torch.tensor(getattr(vae.config, f)).view(1, -1, 1, 1, 1) for f in ("latents_mean", "latents_std"))
+    assert torch.equal(y[:, 4:], ((mu - mean) / std).to(torch.bfloat16))
     frames = decode_frames(vae, torch.zeros(1, 16, 3, 4, 6, dtype=torch.float64))
     assert frames.shape == (9, 32, 48, 3) and frames.dtype == torch.uint8
 
