@@ -9,7 +9,7 @@
 #                                        reference runs on card 1, then the int8 probe on card 1
 #   bash bench/gpu_session.sh int8 [N]   720p, N (2) rows on one card: int8 experts (activation_slices
 #                                        8), then bf16, then the int8 probe under a 22 GB cap
-#   bash bench/gpu_session.sh tests      the GPU tests, then the int8 probe
+#   bash bench/gpu_session.sh tests      the GPU tests, then the import and exit probes
 #   bash bench/gpu_session.sh last       tests/test_gpu.py, then the bf16 expert probe (eager, compiled)
 #   bash bench/gpu_session.sh probe      bench/probe_gpu.py at 720p (imports, norms, compile, int8
 #                                        under a 22 GB cap, VAE), then the GPU tests
@@ -27,7 +27,7 @@ if ! python3 -c "import turbodiffusion" 2>/dev/null; then
     .whl/turbodiffusion-*.tar.gz > "$OUT/turbo.log" 2>&1 &
   BUILD=$!
 fi
-INT8=; case "${1:-}" in probe|final|int8|tests) INT8=--int8 ;; esac
+INT8=; case "${1:-}" in probe|final|int8) INT8=--int8 ;; esac
 date; python3 bench/bench_pipeline.py models --workdir $W $INT8 2>&1 | tail -3
 [ -n "${BUILD:-}" ] && wait "$BUILD"; date
 python3 -c "import turbodiffusion; print('turbodiffusion', turbodiffusion.__file__)" || tail -20 "$OUT/turbo.log"
@@ -62,7 +62,7 @@ case "${1:-cards}" in
     ;;
   tests)
     stamp "gpu tests"; timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -s tests/test_gpu.py tests/test_gpu_kernels.py > "$OUT/gpu-tests.txt" 2>&1
-    stamp "probe"; timeout 120 python3 bench/probe_gpu.py --models $W/models --only int8 > "$OUT/probe.txt" 2>&1
+    stamp "probe"; timeout 240 python3 bench/probe_gpu.py --models $W/models --only imports,exit > "$OUT/probe.txt" 2>&1
     ;;
   480p|720p)
     CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution "$1" --rows "${2:-8}" --gpus 1 --tag "p$1" > "$OUT/p$1.txt" 2>&1 &

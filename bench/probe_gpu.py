@@ -2,14 +2,16 @@
 
     python bench/probe_gpu.py --models /tmp/b/models [--resolution 720p] [--only expert,int8,...]
 
-- imports: seconds a job spends importing torch and diffusers (each in a fresh process);
+- imports: seconds a job spends importing torch and diffusers (each in a fresh process), with
+  peft visible and hidden as a job hides it;
 - norms: diffusers' / torch's norms against turbodiffusion's FastRMSNorm / FastLayerNorm at the
   expert's activation shape;
 - expert: one bf16 SLA forward eager, then compiled (turbowan.compiled): the first call (compile)
   and the steady state, and the first call again in a fresh process (Inductor's cache warm);
 - int8: the int8 expert's forward time and peak memory with the feed-forward whole and in 8
   slices, under a 22 GB cap (a 24 GB card less the CUDA context);
-- vae: encode and decode of one row, with cuDNN's autotuner off and on.
+- vae: encode and decode of one row, with cuDNN's autotuner off and on;
+- exit: how long a process with a compiled expert on the GPU takes to end, normally and by os._exit.
 `bench_pipeline.py models [--int8]` writes the models first.
 """
 
@@ -53,9 +55,12 @@ def probe_imports() -> None:
     for what in ("import torch", "import torch; torch.cuda.init()", "from diffusers import WanTransformer3DModel",
                  "from diffusers import AutoencoderKLWan", "from transformers import UMT5EncoderModel",
                  "import turbowan.stages"):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", what], check=True, cwd=REPO)
-        print(f"imports: {what!r}: {time.perf_counter() - started:.2f} s (fresh process)", flush=True)
+        for hidden in (False, True):  # as a job does (turbowan.jobs.hide_unused_imports), or not
+            code = f"from turbowan.jobs import hide_unused_imports; hide_unused_imports(); {what}" if hidden else what
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+            print(f"imports: {what!r}{' (peft hidden)' if hidden else ''}: {time.perf_counter() - started:.2f} s "
+                  "(fresh process)", flush=True)
 
 
 def probe_importtime(what: str = "from diffusers import AutoencoderKLWan", top: int = 25) -> None:
@@ -133,6 +138,32 @@ def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
     free_gpu()
 
 
+def probe_exit(models: Path, video_args: list[str]) -> None:
+    """Seconds from an expert job's last line to its process's end, which the next job waits for:
+    Python's own exit against os._exit, each with a compiled expert on the GPU, as a job has it."""
+    for how in ("normal", "os._exit"):
+        proc = subprocess.run([sys.executable, __file__, "--models", str(models), *video_args, "--only", "exit-child",
+                               "--exit", how], capture_output=True, text=True)
+        ended = time.time()
+        last = [line for line in proc.stdout.splitlines() if line.startswith("END ")]
+        if proc.returncode or not last:
+            print(f"exit: {how}: failed ({proc.returncode}): {proc.stderr[-1500:]}", flush=True)
+            continue
+        print(f"exit: {how}: {ended - float(last[-1].split()[1]):.2f} s from the last line to the process's end",
+              flush=True)
+
+
+def exit_child(path: str, video: dict, how: str) -> None:
+    from turbowan.models import load_transformer
+
+    model = load_transformer(path, torch.device("cuda"), compile=True, activation_slices=1)
+    forward(model, expert_inputs(model, video))
+    torch.cuda.synchronize()
+    print(f"END {time.time()}", flush=True)
+    if how == "os._exit":
+        os._exit(0)
+
+
 def free_gpu() -> None:
     """Drop what compiled graphs still hold (they keep their module alive) and empty the cache."""
     import gc
@@ -192,7 +223,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--resolution", default="720p", choices=list(PRESETS))
     parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--only", default="imports,norms,expert,compile-warm,int8,vae")
+    parser.add_argument("--only", default="imports,norms,expert,compile-warm,int8,vae,exit")
+    parser.add_argument("--exit", default="normal", help="(exit-child) how the child process ends")
     args = parser.parse_args()
     width, height = PRESETS[args.resolution]["16:9"]
     video = dict(width=width, height=height, num_frames=args.frames)
@@ -218,6 +250,10 @@ def main() -> None:
         probe_expert(str(args.models / "high.safetensors"), video, fresh_compile=True)
     if "vae" in wanted:
         probe_vae(str(args.models / "vae.safetensors"), video)
+    if "exit" in wanted:
+        probe_exit(args.models, ["--resolution", args.resolution, "--frames", str(args.frames)])
+    if "exit-child" in wanted:
+        exit_child(str(args.models / "high.safetensors"), video, args.exit)
 
 
 if __name__ == "__main__":

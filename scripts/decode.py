@@ -1,7 +1,7 @@
-from turbowan.jobs import run_stage
+from turbowan.jobs import run_job
 from turbowan.stages import decode_latents
 
-run_stage(
+run_job(
     "decode", snakemake.log[0], decode_latents,
     gpus=snakemake.resources.get("gpu", 0),
     rows=snakemake.params.rows,

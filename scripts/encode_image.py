@@ -1,7 +1,7 @@
-from turbowan.jobs import run_stage
+from turbowan.jobs import run_job
 from turbowan.stages import encode_images
 
-run_stage(
+run_job(
     "encode_image", snakemake.log[0], encode_images,
     gpus=snakemake.resources.get("gpu", 0),
     rows=snakemake.params.rows,

@@ -158,3 +158,36 @@ def test_run_stage_logs_the_card_it_took(tmp_path):
                                      "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")})
     assert again.how == "locked"
     again.release()
+
+
+def test_run_job_ends_its_process_once_the_log_is_written(tmp_path):
+    """run_job skips Python's orderly exit (which frees a 14B model piece by piece): atexit handlers
+    do not run, yet the stage's files and the whole log are there and the card is free."""
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from turbowan.jobs import run_job\n"
+        "def stage(device, fail):\n"
+        f"    atexit.register(pathlib.Path({str(tmp_path / 'atexit-ran')!r}).touch)\n"
+        f"    pathlib.Path({str(tmp_path / 'out.txt')!r}).write_text('made')\n"
+        "    if fail:\n"
+        "        raise ValueError('broken on purpose')\n"
+        f"run_job('sample_high', {str(tmp_path / 'job.log')!r}, stage, gpus=1, device='auto', fail=sys.argv[1] == 'fail')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TURBOWAN_GPUS": CARDS[0],
+           "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("SLURM_JOB_ID", None)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, "-c", code, "ok"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out.txt").read_text() == "made"
+    assert not (tmp_path / "atexit-ran").exists()
+    assert "sample_high done in" in (tmp_path / "job.log").read_text()
+    again = assign_gpu("again", env={"TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_WAIT_S": "0",
+                                     "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")})
+    assert again.how == "locked"
+    again.release()
+    # a failing stage fails its job the usual way: a non-zero status, the error in the log
+    proc = subprocess.run([sys.executable, "-c", code, "fail"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "ValueError: broken on purpose" in proc.stderr
+    assert "sample_high failed after" in (tmp_path / "job.log").read_text()
+    assert (tmp_path / "atexit-ran").exists()
