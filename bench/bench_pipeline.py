@@ -280,9 +280,6 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
 
     from turbowan.compiled import compile_wanted
     from turbowan.devices import resolve_device
-    from turbowan.jobs import hide_unused_imports
-
-    hide_unused_imports()  # as the pipeline's jobs do
 
     dev = resolve_device("auto")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

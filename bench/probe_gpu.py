@@ -2,8 +2,7 @@
 
     python bench/probe_gpu.py --models /tmp/b/models [--resolution 720p] [--only expert,int8,...]
 
-- imports: seconds a job spends importing torch and diffusers (each in a fresh process), with
-  peft visible and hidden as a job hides it;
+- imports: seconds a job spends importing torch and diffusers (each in a fresh process);
 - norms: diffusers' / torch's norms against turbodiffusion's FastRMSNorm / FastLayerNorm at the
   expert's activation shape;
 - expert: one bf16 SLA forward eager, then compiled (turbowan.compiled): the first call (compile)
@@ -55,12 +54,9 @@ def probe_imports() -> None:
     for what in ("import torch", "import torch; torch.cuda.init()", "from diffusers import WanTransformer3DModel",
                  "from diffusers import AutoencoderKLWan", "from transformers import UMT5EncoderModel",
                  "import turbowan.stages"):
-        for hidden in (False, True):  # as a job does (turbowan.jobs.hide_unused_imports), or not
-            code = f"from turbowan.jobs import hide_unused_imports; hide_unused_imports(); {what}" if hidden else what
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-            print(f"imports: {what!r}{' (peft hidden)' if hidden else ''}: {time.perf_counter() - started:.2f} s "
-                  "(fresh process)", flush=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", what], check=True, cwd=REPO)
+        print(f"imports: {what!r}: {time.perf_counter() - started:.2f} s (fresh process)", flush=True)
 
 
 def probe_importtime(what: str = "from diffusers import AutoencoderKLWan", top: int = 25) -> None:
