@@ -1,5 +1,5 @@
 from turbowan.jobs import run_stage
-from turbowan.stages import encode_video
+from turbowan.mp4 import encode_video
 
 run_stage(
     "encode_video", snakemake.log[0], encode_video,

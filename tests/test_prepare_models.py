@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import run_snakemake, write_image
-from turbowan import stages
+from turbowan import mp4, stages
 from turbowan.artifacts import load_artifact, read_record
 from turbowan.convert import write_safetensors
 from turbowan.demo import write_official_pth
@@ -93,7 +93,7 @@ def _reference_row(demo_models, tmp_path):
     stages.sample_low(text, cond, str(ref / "b.safetensors"), demo_models["low"], str(ref / "l.safetensors"),
                       SAMPLING, VIDEO, "cpu")
     stages.decode(str(ref / "l.safetensors"), demo_models["vae"], str(ref / "frames"), VIDEO, "cpu")
-    stages.encode_video(str(ref / "frames"), str(ref / "video.mp4"), VIDEO, fps=16, quality=8)
+    mp4.encode_video(str(ref / "frames"), str(ref / "video.mp4"), VIDEO, fps=16, quality=8)
     return ref
 
 

@@ -104,3 +104,36 @@ def test_animated_preview(video, tmp_path):
 
 def test_frame_count(video):
     assert frame_count(video) == FRAMES
+
+
+def test_the_mp4_and_preview_jobs_run_without_torch(tmp_path):
+    """These are per-row CPU jobs, one after another with `--cores 1`: importing torch would add
+    a second and a half to each. Their whole stage, store included, runs in a process without it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from turbowan.video import save_frames
+
+    frames = torch.stack([torch.full((H, W, 3), 10 + 14 * i, dtype=torch.uint8) for i in range(FRAMES)])
+    save_frames(frames, tmp_path / "frames", {"made_by": "this test"})
+    code = f"""
+import sys
+from turbowan.jobs import run_stage
+from turbowan.mp4 import encode_video
+from turbowan.previews import make_previews
+out = {str(tmp_path)!r}
+run_stage("encode_video", None, encode_video, frames_dir=out + "/frames", out=out + "/video.mp4",
+          video={{"width": {W}, "height": {H}, "num_frames": {FRAMES}}}, fps={FPS}, quality=8, key="row0",
+          store=out + "/.store")
+run_stage("previews", None, make_previews, video=out + "/video.mp4", contact_sheet_out=out + "/sheet.png",
+          animation_out=out + "/preview.gif", row_id="row0", prompt="a prompt")
+print("torch imported:", "torch" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "torch imported: False"
+    assert frame_count(tmp_path / "video.mp4") == FRAMES
+    assert (tmp_path / "sheet.png").is_file() and (tmp_path / "preview.gif").is_file()
+    assert (tmp_path / "video.mp4").stat().st_nlink == 2  # and its twin in the store

@@ -18,11 +18,12 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the CPU jobs never need it
+    import torch
 
 META_KEY = "turbowan"
 # The stage name of a failure record: what a group job leaves at the output of a row that failed
@@ -42,6 +43,8 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
+
+    import torch
 
     versions = {"turbowan": __version__, "torch": torch.__version__}
     for name in ("diffusers", "transformers", "turbodiffusion"):
@@ -125,6 +128,8 @@ def atomic_dir(final: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
 
 def data_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes: detects corruption inside the data."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
@@ -216,6 +221,8 @@ def save_artifact(
     inputs: Mapping[str, str | os.PathLike] | None = None,
 ) -> None:
     """Write tensors + provenance to `path` atomically."""
+    from safetensors.torch import save_file
+
     record = {
         "stage": stage,
         "data_sha256": data_digest(tensors),
@@ -354,6 +361,8 @@ def write_failure(path: str | os.PathLike, failed_stage: str, row: str, error: s
     path = Path(path)
     record = {"stage": FAILED_STAGE, "failed_stage": failed_stage, "row": row, "error": error}
     if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
         with atomic_path(path) as tmp:
             save_file({}, str(tmp), metadata={META_KEY: json.dumps(record, sort_keys=True)})
     else:

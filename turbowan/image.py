@@ -6,9 +6,12 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 # Refuse images above this many pixels (decompression bombs); 8K x 8K is plenty for a video frame.
 MAX_PIXELS = 64 * 1024 * 1024
@@ -70,6 +73,9 @@ def preprocess(img: Image.Image, width: int, height: int) -> torch.Tensor:
     Bilinear with antialias on the uint8 image (stretch, no crop): bit-identical to torchvision
     v2's Resize, which the official script uses, without needing torchvision.
     """
+    import torch  # (here: the gallery job opens images without torch)
+    import torch.nn.functional as F
+
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(img.height, img.width, 3).permute(2, 0, 1).contiguous()  # [3, H, W]
     resized = F.interpolate(

@@ -90,11 +90,10 @@ def run_stage(
     except Exception:
         log.exception("%s could not get a GPU after %.1f s", name, time.perf_counter() - started)
         raise
-    import torch
-
     log.info("%s on %s (pid %d); %s", name, socket.gethostname(), os.getpid(),
              card.describe() if card else "gpu: not requested")
-    log.info("%s", _gpu_line())
+    # (a CPU stage's job, an mp4's, need not import torch: a second and a half of its start)
+    log.info("%s", _gpu_line() if gpus or "torch" in sys.modules else "device: cpu")
     started = time.perf_counter()
     try:
         try:
@@ -105,7 +104,8 @@ def run_stage(
             raise
         rss_gb = _peak_rss_gb()
         gpu = ""
-        if torch.cuda.is_available():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
             # allocated: what the tensors needed; reserved: what PyTorch's cache held. GB = 10^9 bytes.
             gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB "
                    f"(reserved {torch.cuda.max_memory_reserved() / 1e9:.2f} GB)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 # W x H of each preset.
 PRESETS: dict[str, dict[str, tuple[int, int]]] = {
@@ -13,6 +14,12 @@ MAX_SIDE = 2048  # the DiT's RoPE tables end there
 SIZE_MULTIPLE = 16  # VAE (8) x patch (2)
 VAE_TIME_STRIDE = 4
 VAE_SPACE_STRIDE = 8
+VIDEO_KEYS = ("width", "height", "num_frames")
+
+
+def video_values(video: Mapping[str, Any]) -> dict[str, int]:
+    """A row's frame size and count as the stages record them."""
+    return {k: int(video[k]) for k in VIDEO_KEYS}
 
 
 def adaptive_size(resolution: str, aspect_ratio: str, image_width: int, image_height: int) -> tuple[int, int]:

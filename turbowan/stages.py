@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from .artifacts import (
-    ArtifactError, check_made_from, failure_record, failure_words, fingerprint, load_artifact, save_artifact,
-)
-from .batch import RowTask, run_rows, store_entry
+from .artifacts import ArtifactError, check_made_from, fingerprint, load_artifact, save_artifact
+from .batch import RowTask, run_group
 from .compiled import compile_wanted
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
@@ -26,22 +23,16 @@ from .models import load_text_encoder, load_tokenizer, load_transformer, load_va
 from .progress import phase
 from .sampler import SamplerState, dit_velocity, initial_state, restore_generator, run_steps
 from .schedule import num_high_steps, rcm_timesteps
-from .sizes import latent_shape
+from .sizes import latent_shape, video_values
 from .text import TEXT_LEN, encode_text
 from .vae import decode_frames, encode_condition
-from .video import FRAMES_INFO, load_frames, save_frames, write_mp4
+from .mp4 import mp4_into_store
+from .video import save_frames
 
 log = logging.getLogger(__name__)
 
 # The per-row values that determine a row's sampling, recorded in its boundary and latent files.
 SAMPLING_KEYS = ("seed", "num_steps", "sigma_max", "boundary", "ode")
-VIDEO_KEYS = ("width", "height", "num_frames")
-
-
-def _video(video: Mapping[str, Any]) -> dict[str, int]:
-    return {k: int(video[k]) for k in VIDEO_KEYS}
-
-
 def _sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "seed": int(sampling["seed"]),
@@ -65,15 +56,6 @@ class Lazy:
 
     def drop(self) -> None:
         self._value = None
-
-
-def _run(stage: str, tasks: list[RowTask], compute, store, job_log, on_done=None) -> None:
-    """Run a group's rows; without a store (a direct call, a test) compute straight into the output."""
-    if store is None:
-        for task in tasks:
-            compute(task, Path(task.out))
-        return
-    run_rows(stage, tasks, compute, store, job_log, on_done)
 
 
 # --- encode_prompt: prompt text -> umT5 embedding -----------------------------------------------
@@ -102,7 +84,7 @@ def encode_prompts(
 
     params = {"text_len": TEXT_LEN, "dtype": dtype, "device_type": dev.type}
     tasks = [RowTask(row["key"], row["out"], {"prompt": row["prompt"], **params}, inputs) for row in rows]
-    _run("encode_prompt", tasks, compute, store, job_log)
+    run_group("encode_prompt", tasks, compute, store, job_log)
     models.drop()
     gc.collect()
     release(dev)  # umT5 (11 GB) leaves the GPU before anything else runs there
@@ -161,7 +143,7 @@ def _with_vae(model_of: Lazy, dev: torch.device, video: Mapping[str, int], fruga
 
 
 def _vae_task(row: Mapping[str, Any], inputs: dict[str, str], vae_dtype: str, dev: torch.device) -> RowTask:
-    video = _video(row["video"])
+    video = video_values(row["video"])
     params = {**video, "vae_dtype": vae_dtype, "device_type": dev.type}
     return RowTask(row["key"], row["out"], params, inputs, {"video": video})
 
@@ -183,7 +165,7 @@ def encode_images(
         save_artifact(path, {"y": y}, stage="encode_image", params=task.params, inputs=task.inputs)
 
     tasks = [_vae_task(row, {"image": row["image"], "vae": vae}, vae_dtype, dev) for row in rows]
-    _run("encode_image", tasks, compute, store, job_log)
+    run_group("encode_image", tasks, compute, store, job_log)
 
 
 def encode_image(
@@ -222,14 +204,14 @@ def decode_latents(
 
     tasks = [_vae_task(row, {"latent": row["latent"], "vae": vae}, vae_dtype, dev) for row in rows]
     if not (mp4 and store):
-        _run("decode", tasks, compute, store, job_log)
+        run_group("decode", tasks, compute, store, job_log)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp4") as encoder:
         def make_mp4_early(task: RowTask) -> None:
             if task is not tasks[-1]:
-                encoder.submit(_mp4_into_store, task.out, task.values["video"], mp4["fps"], mp4["quality"], store)
+                encoder.submit(mp4_into_store, task.out, task.values["video"], mp4["fps"], mp4["quality"], store)
 
-        _run("decode", tasks, compute, store, job_log, make_mp4_early)
+        run_group("decode", tasks, compute, store, job_log, make_mp4_early)
 
 
 def decode(
@@ -280,7 +262,7 @@ def _run_expert(model: Lazy, expert: str, name: str, state: SamplerState, t: tor
 def _sampling_task(
     row: Mapping[str, Any], attn: dict, dtype: str, dev: torch.device, inputs: dict[str, str]
 ) -> RowTask:
-    sampling, video = _sampling(row["sampling"]), _video(row["video"])
+    sampling, video = _sampling(row["sampling"]), video_values(row["video"])
     params = {**sampling, **video, **attn, "dtype": dtype, "device_type": dev.type}
     return RowTask(row["key"], row["out"], params, inputs, {"sampling": sampling, "video": video})
 
@@ -318,7 +300,7 @@ def sample_high_rows(
 
     tasks = [_sampling_task(row, attn, dtype, dev, {"text": row["text"], "cond": row["cond"], "expert": expert})
              for row in rows]
-    _run("sample_high", tasks, compute, store, job_log)
+    run_group("sample_high", tasks, compute, store, job_log)
 
 
 def sample_low_rows(
@@ -362,7 +344,7 @@ def sample_low_rows(
         task = _sampling_task(row, attn, dtype, dev, {"boundary": row["boundary"], "expert": expert})
         task.values.update(text=row["text"], cond=row["cond"])
         tasks.append(task)
-    _run("sample_low", tasks, compute, store, job_log)
+    run_group("sample_low", tasks, compute, store, job_log)
 
 
 def sample_high(
@@ -381,52 +363,3 @@ def sample_low(
     row = {"key": "row", "text": text, "cond": cond, "boundary": boundary, "sampling": sampling, "video": video,
            "out": out}
     sample_low_rows([row], expert, device, dtype, attention, sla_topk)
-
-
-def _mp4_task(frames_dir: str, out: str, video: dict[str, int], fps: int, quality: int, key: str) -> RowTask:
-    # the frames' record names the decode that made them (latent, VAE, dtype): it stands for their content
-    return RowTask(key, out, {**video, "fps": int(fps), "quality": int(quality)},
-                   {"frames": str(Path(frames_dir) / FRAMES_INFO)})
-
-
-def _write_mp4_of(frames_dir: str, path: Path, video: dict[str, int], fps: int, quality: int) -> None:
-    files, info = load_frames(frames_dir)
-    if (info["count"], info["width"], info["height"]) != (video["num_frames"], video["width"], video["height"]):
-        raise ArtifactError(
-            f"{frames_dir}: holds {info['count']} frames of {info['width']}x{info['height']}, "
-            f"expected {video['num_frames']} of {video['width']}x{video['height']}"
-        )
-    write_mp4(files, path, video["width"], video["height"], fps, quality)
-
-
-def _mp4_into_store(frames_dir: str, video: dict[str, int], fps: int, quality: int, store: str) -> None:
-    """The mp4 encode_video will want for these frames, made ahead into the store (decode_latents).
-    Best effort: on any error the encode_video job makes it itself."""
-    try:
-        entry = store_entry(store, "encode_video", _mp4_task(frames_dir, "", video, fps, quality, ""))
-        if entry.exists():
-            return
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        _write_mp4_of(frames_dir, entry, video, fps, quality)
-        log.info("mp4 of %s made ahead, beside the decoding, in %.1f s", frames_dir, time.perf_counter() - started)
-    except Exception as err:  # noqa: BLE001 - the encode_video job will do it
-        log.warning("could not make the mp4 of %s ahead (%s); its encode_video job will", frames_dir, err)
-
-
-def encode_video(
-    frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int, key: str = "video",
-    store: str | None = None,
-) -> None:
-    """Frames -> H.264 mp4. Through the store, so that a row whose frames were made again by its
-    group's decode job (same latent, same VAE) gets its finished mp4 back instead of a new encode."""
-    video = _video(video)
-    failed = failure_record(frames_dir)
-    if failed:  # the row failed earlier in its group: this, its last stage, fails with that error
-        raise ArtifactError(f"{failure_words(failed)}: {failed['error']}")
-
-    def compute(task: RowTask, path: Path) -> None:
-        _write_mp4_of(frames_dir, path, video, fps, quality)
-        log.info("wrote %s (%d frames at %d fps)", Path(out), video["num_frames"], fps)
-
-    _run("encode_video", [_mp4_task(frames_dir, out, video, fps, quality, key)], compute, store, None)

@@ -8,11 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import imageio_ffmpeg
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
 from .artifacts import atomic_dir, atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 FRAMES_INFO = "frames.json"
 
