@@ -307,16 +307,13 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
     del high, low
     torch.cuda.empty_cache()
 
-    def encode_video(r: dict) -> None:
+    def frames_and_mp4(r: dict, frames: torch.Tensor) -> None:
+        save_frames(frames, out / r["id"] / "frames", {})
         files, _ = load_frames(out / r["id"] / "frames")
         write_mp4(files, out / r["id"] / "video.mp4", r["video"]["width"], r["video"]["height"], 16, 8)
 
-    with ThreadPoolExecutor(max_workers=4) as mp4s:  # the mp4s are made on the CPU while the GPU decodes on
-        made = []
-        for r in rows:
-            frames = decode_frames(vae, latents[r["id"]])
-            save_frames(frames, out / r["id"] / "frames", {})
-            made.append(mp4s.submit(encode_video, r))
+    with ThreadPoolExecutor(max_workers=4) as cpu:  # frames and mp4s are written while the GPU decodes on
+        made = [cpu.submit(frames_and_mp4, r, decode_frames(vae, latents[r["id"]])) for r in rows]
         for future in made:
             future.result()
     sync()

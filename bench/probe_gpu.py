@@ -125,7 +125,7 @@ def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
     compile_blocks(model)
     first, compiled_out = timed(lambda: forward(model, inputs))
     print(f"expert: compiled forward, first call (compile{' in a fresh process' if fresh_compile else ''}) "
-          f"{first:.1f} s", flush=True)
+          f"{first:.1f} s; {compile_counts()}", flush=True)
     if not fresh_compile:
         steady, compiled_out = timed(lambda: forward(model, inputs), 3)
         rel = ((compiled_out.float() - eager_out.float()).norm() / eager_out.float().norm()).item()
@@ -158,6 +158,15 @@ def exit_child(path: str, video: dict, how: str) -> None:
     print(f"END {time.time()}", flush=True)
     if how == "os._exit":
         os._exit(0)
+
+
+def compile_counts() -> str:
+    """What Dynamo did so far: frames traced, graphs made, graph breaks (a recompile per block would
+    show as 40 frames)."""
+    from torch._dynamo.utils import counters
+
+    return (f"dynamo frames {dict(counters['frames'])}, stats {dict(counters['stats'])}, "
+            f"graph breaks {sum(counters['graph_break'].values())}")
 
 
 def free_gpu() -> None:

@@ -98,3 +98,35 @@ def test_garbage_collection_keeps_only_what_an_output_links_to(tmp_path):
     removed, freed = collect_garbage(store)
     assert removed == 1 and freed > 0
     assert [p.stat().st_nlink for p in (store / "double").iterdir()] == [2]
+
+
+def test_lookahead_works_on_the_next_needed_row_while_the_caller_finishes_this_one(tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from turbowan.batch import Lookahead
+
+    tasks = [RowTask(f"r{i}", str(tmp_path / f"r{i}"), {}, {}) for i in range(4)]
+    started, release = [], {t.key: threading.Event() for t in tasks}
+
+    def work(task):
+        started.append(task.key)
+        if task.key == "r3":
+            raise ValueError("r3 cannot be done")
+        release[task.key].wait(10)
+        return task.key.upper()
+
+    with ThreadPoolExecutor(1) as pool:
+        ahead = Lookahead(pool, work, tasks, needed=lambda t: t.key != "r1")  # r1: already in the store
+        release["r0"].set()
+        assert ahead.result(tasks[0]) == "R0"
+        for _ in range(500):  # r2 runs without being asked for (r1 is skipped), while the caller goes on
+            if started == ["r0", "r2"]:
+                break
+            threading.Event().wait(0.01)
+        assert started == ["r0", "r2"]
+        release["r2"].set()
+        assert ahead.result(tasks[2]) == "R2"
+        with pytest.raises(ValueError, match="r3 cannot be done"):  # r3's own error, raised for r3
+            ahead.result(tasks[3])
+    assert started == ["r0", "r2", "r3"]

@@ -142,7 +142,7 @@ def test_with_one_row_per_group_a_failing_row_fails_its_job(tmp_path):
 
 
 def test_disk_full_while_writing_leaves_nothing_and_rerun_completes(tmp_path, demo_models, monkeypatch):
-    import turbowan.artifacts as artifacts
+    import safetensors.torch
 
     write_image(tmp_path / "a.png", 40, 30)
     video = {"width": 32, "height": 32, "num_frames": 5}
@@ -152,7 +152,7 @@ def test_disk_full_while_writing_leaves_nothing_and_rerun_completes(tmp_path, de
         Path(filename).write_bytes(b"\0" * 100)  # some bytes made it to disk, then the disk filled up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(artifacts, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # what save_artifact calls
     with pytest.raises(OSError, match="No space left"):
         stages.encode_image(str(tmp_path / "a.png"), demo_models["vae"], str(out), video, "cpu")
     assert list((tmp_path / "row").iterdir()) == []

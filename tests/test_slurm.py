@@ -95,9 +95,10 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     assert len(groups) == 2
     results = tmp_path / "results"
     profile = ["--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(tmp_path / "config.yaml"),
-               # The plugin polls SLURM this long after a submission, then 10 s, 20 s, ... later
-               # again. A test job takes 15-25 s (three Python start-ups): 8 s finds most at 26 s.
-               "--slurm-init-seconds-before-status-checks", "8"]
+               # The plugin polls SLURM this long after a submission (and after a poll that found
+               # a job done), then 10 s, 20 s, ... later each time it finds none: polls at 3, 16,
+               # 39 s. A test job takes 7-9 s on an idle 2-core machine: found at 16 s.
+               "--slurm-init-seconds-before-status-checks", "3"]
     seen_before = {job["id"] for job in slurm_jobs(slurm_cluster)}
 
     # Run 1, without the profile's retries (they would resubmit the cancelled job at once):

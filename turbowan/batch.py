@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,26 @@ def row_log(key: str, job_log: str | None) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+class Lookahead:
+    """work(task) on a worker thread, one row ahead: asking for a row's result first starts the work
+    of the next row that will need it (`needed`), which then runs while the asking thread finishes
+    the row it asked for. A row's work started ahead and never asked for is left unused."""
+
+    def __init__(self, pool: Executor, work: Callable[[RowTask], Any], tasks: list[RowTask],
+                 needed: Callable[[RowTask], bool]):
+        self._pool, self._work, self._tasks, self._needed = pool, work, tasks, needed
+        self._started: dict[str, Future] = {}
+
+    def result(self, task: RowTask) -> Any:
+        future = self._started.pop(task.key, None) or self._pool.submit(self._work, task)
+        keys = [t.key for t in self._tasks]
+        later = self._tasks[keys.index(task.key) + 1:]
+        upcoming = next((t for t in later if self._needed(t)), None)
+        if upcoming is not None and upcoming.key not in self._started:
+            self._started[upcoming.key] = self._pool.submit(self._work, upcoming)
+        return future.result()
 
 
 def run_group(stage: str, tasks: list[RowTask], compute, store, job_log=None, on_done=None) -> None:
