@@ -16,12 +16,20 @@ from turbowan.models import CheckpointError, load_text_encoder, load_transformer
 
 
 def test_dit_names_invert_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
     keys = list(WanTransformer3DModel(**DEMO_DIT).state_dict())
     official = [dit_key_to_official(k) for k in keys]
     assert "blocks.0.norm3.weight" in official and "head.modulation" in official
     assert "blocks.1.self_attn.o.weight" in official and "time_projection.1.weight" in official
     table = dit_rename_table(official)
     assert table == {k: dit_key_to_official(k) for k in keys}
+    # our own forward names (no diffusers import while an expert streams) are diffusers' converter's,
+    # for the int8 layout's names too
+    int8 = [k.replace(".weight", ".int8_weight") for k in official if k.startswith("blocks.")]
+    int8 += [k.replace(".weight", ".scale") for k in official if k.startswith("blocks.")]
+    for names in (official, int8):
+        assert dit_rename_table(names) == convert_wan_transformer_to_diffusers({k: k for k in names})
 
 
 def test_dit_wrapper_prefixes_are_stripped():

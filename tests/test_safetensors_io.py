@@ -78,9 +78,17 @@ def test_read_ahead_through_reused_slabs_gives_every_tensor_in_order(tmp_path):
     names = list(reversed(list(tensors)))
     with SafetensorsFile(path) as f:
         # 3 slabs of 16 KB: slabs are reused many times, and the 40000- and 65536-element tensors
-        # are bigger than a slab and go through on their own
+        # are bigger than a slab and go through on their own; the small ones share reads
+        runs = f._runs(names, 16 * 1024)
         got = list(f.to_device(names, torch.device("cpu"), slab_bytes=16 * 1024, slabs=3))
-    assert [name for name, _ in got] == names
+        order = sorted(names, key=lambda n: f.entries[n]["data_offsets"])
+    assert [name for name, _ in got] == order  # the file's order
+    # runs: the file's order cut greedily into reads of at most a slab (or one larger tensor)
+    assert [name for _, _, run_names in runs for name in run_names] == order
+    assert all(end - start <= 16 * 1024 or len(run_names) == 1 for start, end, run_names in runs)
+    first_end = {name: f.entries[name]["data_offsets"][1] for name in names}
+    assert all(first_end[later[0]] - start > 16 * 1024 for (start, _, _), (_, _, later) in zip(runs, runs[1:]))
+    assert max(len(run_names) for _, _, run_names in runs) > 1
     for name, tensor in got:
         assert tensor.dtype == tensors[name].dtype and torch.equal(tensor, tensors[name]), name
     # each yielded tensor owns its memory: a later read must not have overwritten an earlier one

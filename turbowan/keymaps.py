@@ -1,9 +1,11 @@
 """Key names: the official Wan / TurboDiffusion checkpoint layouts <-> diffusers / transformers.
 
-The official -> diffusers direction reuses diffusers' own converters (they only rename keys, so
-they are called on {name: name} and give a rename table without touching any tensor; that is
-what lets a loader stream tensors one by one). The reverse direction is only needed to write the
-demo models in the official layout; tests check that it is the exact inverse.
+The VAE's official -> diffusers direction reuses diffusers' own converter (it only renames keys,
+so it is called on {name: name} and gives a rename table without touching any tensor; that is
+what lets a loader stream tensors one by one). The DiT's is written here, so that an expert's
+28 GB can start streaming before diffusers is imported; a test holds it equal to diffusers'
+converter. The reverse directions write the demo models in the official layouts; tests check
+that they are the exact inverses.
 """
 
 from __future__ import annotations
@@ -22,17 +24,26 @@ SLA_MODULE = "attn1.sla"
 
 def dit_rename_table(official_keys: Iterable[str]) -> dict[str, str]:
     """{diffusers key: official key} for the network weights, int8 (`int8_weight`, `scale`) and SLA
-    (`blocks.N.attn1.sla.proj_l.*`) tensors included."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    cleaned = {clean_dit_key(k): k for k in official_keys}
-    network = {k: k for k in cleaned if not SLA_KEY.match(k)}
-    converted = convert_wan_transformer_to_diffusers(dict(network))
-    table = {new: cleaned[old] for new, old in converted.items()}
-    for key, original in cleaned.items():
+    (`blocks.N.attn1.sla.proj_l.*`) tensors included. Without importing diffusers (a test holds it
+    equal to diffusers' converter), so that an expert's weights can stream while diffusers loads."""
+    table = {}
+    for original in official_keys:
+        key = clean_dit_key(original)
         if m := SLA_KEY.match(key):
             table[f"blocks.{m[1]}.{SLA_MODULE}.proj_l.{m[2]}"] = original
+        else:
+            table[dit_key_to_diffusers(key)] = original
     return table
+
+
+def dit_key_to_diffusers(key: str) -> str:
+    """Official Wan key -> diffusers WanTransformer3DModel key (dit_key_to_official backwards)."""
+    if key == "head.modulation":
+        return "scale_shift_table"
+    key = re.sub(r"^(blocks\.\d+)\.norm3\.", r"\1.norm2.", key)
+    for new, old in reversed(_DIT_TO_OFFICIAL):
+        key = key.replace(old, new)
+    return key.replace(".modulation", ".scale_shift_table")
 
 
 _DIT_TO_OFFICIAL = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,19 +84,23 @@ def _stream_state_dict(
     (dtype conversions and reshapes happen there). Setting `stop` ends it early (the result is then
     partial and thrown away)."""
     state = {}
+    new_keys: dict[str, list[str]] = {}  # file key -> the module keys it fills
+    for new_key, file_key in table.items():
+        new_keys.setdefault(file_key, []).append(new_key)
     with _open_tensors(info) as source:
         if isinstance(source, SafetensorsFile):
             get = source.get_tensor
-            arriving = source.to_device(list(table.values()), device)
+            arriving = source.to_device(list(new_keys), device)  # (in the file's order)
         else:
             get = source
-            arriving = ((key, get(key)) for key in table.values())
-        for (file_key, tensor), new_key in zip(arriving, table):  # (arriving first: it runs to its end)
+            arriving = ((key, get(key)) for key in new_keys)
+        for file_key, tensor in arriving:
             if stop is not None and stop.is_set():
                 break
             if transform is not None:
                 tensor = transform(file_key, tensor, get)
-            state[new_key] = tensor.to(device=device, dtype=dtype_for(new_key, tensor), non_blocking=True)
+            for new_key in new_keys[file_key]:
+                state[new_key] = tensor.to(device=device, dtype=dtype_for(new_key, tensor), non_blocking=True)
     return state
 
 
@@ -111,15 +116,27 @@ def _streaming(info: ModelInfo, table: dict[str, str], device: torch.device, dty
     if device.type == "cuda" and device.index is None:  # the caller's card: a new thread starts on card 0
         device = torch.device("cuda", torch.cuda.current_device())
 
+    started = time.perf_counter()
+    streamed_in = []
+
     def stream() -> dict[str, torch.Tensor]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        return _stream_state_dict(info, table, device, dtype_for, transform, stop)
+        state = _stream_state_dict(info, table, device, dtype_for, transform, stop)
+        streamed_in.append(time.perf_counter() - started)
+        return state
+
+    def wait() -> dict[str, torch.Tensor]:
+        built_in = time.perf_counter() - started
+        state = future.result()
+        log.info("%s: network built in %.1f s, weights streamed in %.1f s, side by side", info.path.name,
+                 built_in, streamed_in[0])
+        return state
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream") as pool:
         future = pool.submit(stream)
         try:
-            yield future.result
+            yield wait
         except BaseException:
             stop.set()
             raise

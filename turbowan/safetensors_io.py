@@ -3,7 +3,8 @@
 safetensors' own reader memory-maps the file: every page a job touches stays mapped, so loading a
 28.6 GB expert leaves 28.6 GB in the job's resident memory until the file is closed. Reading each
 tensor with pread keeps only the tensors in flight in host memory. To a GPU they go through a few
-reused pinned buffers, read ahead by threads while the GPU copies (`SafetensorsFile.to_device`).
+reused pinned buffers, many tensors a read, read ahead by threads while the GPU copies
+(`SafetensorsFile.to_device`).
 """
 
 from __future__ import annotations
@@ -71,15 +72,7 @@ class SafetensorsFile:
         """Read a tensor's bytes into the front of a uint8 CPU `buffer`; returns it typed and shaped."""
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        data = buffer[: end - start]
-        view = memoryview(data.numpy())
-        done = 0
-        while done < len(view):
-            got = os.preadv(self.fd, [view[done:done + CHUNK]], self.base + start + done)
-            if got <= 0:
-                raise SafetensorsFormatError(f"{self.path}: ended while reading {name!r}")
-            done += got
-        return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return self._read_range(start, end, buffer).view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self.read_into(name, torch.empty(self.nbytes(name), dtype=torch.uint8))
@@ -87,18 +80,22 @@ class SafetensorsFile:
     def to_device(
         self, names: list[str], device: torch.device, slab_bytes: int = SLAB_BYTES, slabs: int = SLABS
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor on `device`) in order, reading ahead while earlier tensors are copied.
+        """Yield (name, tensor on `device`) for each of `names`, in the file's order.
 
-        On a GPU, reader threads pread the next tensors into a few reused pinned buffers ("slabs")
-        while the GPU copies earlier ones out of theirs (asynchronous copies from pinned memory); a
-        slab is reused only after its copy's event has completed. Host memory stays at the slabs
-        (1 GB), however large the file. A tensor larger than a slab is read and copied on its own.
+        Neighbouring tensors travel together: reader threads pread runs of the file, up to a slab
+        long, into a few reused pinned buffers ("slabs"); each slab goes to the GPU in one
+        asynchronous copy, into a staging buffer there, and each tensor is then copied out of that
+        into memory of its own. (Read and copied one by one, the 1,095 tensors of an expert each
+        waited for a reader and for a copy, and while the job imported diffusers each wait cost up
+        to a GIL switch interval.) A slab is reused once its copy has completed. Host memory stays
+        at the slabs (1 GB) however large the file; a tensor larger than a slab goes on its own.
         """
         cuda = device.type == "cuda"
         free = [torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(slabs)]
+        staging = torch.empty(slab_bytes, dtype=torch.uint8, device=device) if cuda else None
         copying: deque = deque()  # (event, slab) of copies in flight
-        reads: deque = deque()  # (name, slab or None, future) in file order
-        pending = iter(names)
+        reads: deque = deque()  # (run, slab or None, future) in file order
+        pending = iter(self._runs(names, slab_bytes))
 
         def take_slab() -> torch.Tensor:
             if not free:  # every slab holds data or a copy in flight: wait for the oldest copy
@@ -109,35 +106,69 @@ class SafetensorsFile:
 
         with ThreadPoolExecutor(max_workers=max(1, slabs - 1), thread_name_prefix="read") as pool:
             def submit_next() -> None:
-                name = next(pending, None)
-                if name is None:
+                run = next(pending, None)
+                if run is None:
                     return
-                if self.nbytes(name) > slab_bytes:
-                    reads.append((name, None, None))
+                start, end, _ = run
+                if end - start > slab_bytes:  # one tensor, larger than a slab
+                    reads.append((run, None, None))
                     return
                 slab = take_slab()
-                reads.append((name, slab, pool.submit(self.read_into, name, slab)))
+                reads.append((run, slab, pool.submit(self._read_range, start, end, slab)))
 
             for _ in range(slabs - 1):
                 submit_next()
             while reads:
-                name, slab, future = reads.popleft()
+                (start, _, run_names), slab, future = reads.popleft()
                 if slab is None:
-                    tensor = self.get_tensor(name).to(device)
+                    block = None
+                    tensors = [(run_names[0], self.get_tensor(run_names[0]).to(device))]
                 else:
-                    staged = future.result()
-                    tensor = torch.empty_like(staged, device=device)
-                    tensor.copy_(staged, non_blocking=cuda)
-                    if cuda:
+                    block = future.result()
+                    if cuda:  # one copy to the GPU; the slab is free again once it has completed
+                        block = staging[: len(block)].copy_(block, non_blocking=True)
                         event = torch.cuda.Event()
                         event.record()
                         copying.append((event, slab))
-                    else:
-                        free.append(slab)
+                    tensors = ((name, self._cut(block, name, start)) for name in run_names)
+                for name, tensor in tensors:
+                    yield name, tensor
+                if slab is not None and not cuda:
+                    free.append(slab)
                 submit_next()
-                yield name, tensor
         if cuda:
             torch.cuda.current_stream().synchronize()
+
+    def _runs(self, names: list[str], limit: int) -> list[tuple[int, int, list[str]]]:
+        """(start, end, names) of the runs of the file to read: the wanted tensors in file order, as
+        many neighbours together as fit in `limit` bytes (what lies between them is read too)."""
+        runs: list[tuple[int, int, list[str]]] = []
+        for name in sorted(set(names), key=lambda n: self.entries[n]["data_offsets"]):
+            start, end = self.entries[name]["data_offsets"]
+            if runs and end - runs[-1][0] <= limit and runs[-1][1] - runs[-1][0] <= limit:
+                runs[-1] = (runs[-1][0], end, runs[-1][2] + [name])
+            else:
+                runs.append((start, end, [name]))
+        return runs
+
+    def _read_range(self, start: int, end: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Bytes [start, end) of the data area into the front of a uint8 CPU `buffer`."""
+        data = buffer[: end - start]
+        view = memoryview(data.numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:done + CHUNK]], self.base + start + done)
+            if got <= 0:
+                raise SafetensorsFormatError(f"{self.path}: ended at byte {self.base + start + done} of a read")
+            done += got
+        return data
+
+    def _cut(self, block: torch.Tensor, name: str, block_start: int) -> torch.Tensor:
+        """Tensor `name`, copied out of `block` (uint8 bytes from `block_start` on) into its own memory."""
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        data = block[start - block_start: end - block_start].clone()  # (a fresh, aligned allocation)
+        return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def close(self) -> None:
         os.close(self.fd)
