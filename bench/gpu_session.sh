@@ -6,7 +6,7 @@
 #                                        card 0 while the reference loop runs on card 1
 #   bash bench/gpu_session.sh 720p [N]   the same at 720p
 #   bash bench/gpu_session.sh final      720p, 8 rows, batch_rows 8: the pipeline on card 0 while the
-#                                        reference runs on card 1, then tests/test_gpu.py on card 1
+#                                        reference runs on card 1, then the load probe on card 1
 #   bash bench/gpu_session.sh final4     on four GPUs at once: card 0 the 720p 8-row pipeline (batch_rows
 #                                        8), card 1 the reference, card 2 int8 experts on 2 rows (unsliced),
 #                                        card 3 bf16 on the same 2 rows, then a compile in a fresh process
@@ -50,8 +50,8 @@ case "${1:-cards}" in
   final)
     CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
     (CUDA_VISIBLE_DEVICES=1 bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
-     stamp "gpu tests"
-     CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1)
+     stamp "load probe"
+     CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/probe_gpu.py --models $W/models --only load > "$OUT/probe.txt" 2>&1)
     wait
     ;;
   final4)

@@ -10,7 +10,8 @@
 - int8: the int8 expert's forward time and peak memory with the feed-forward whole and in 8
   slices, under a 22 GB cap (a 24 GB card less the CUDA context);
 - vae: encode and decode of one row, with cuDNN's autotuner off and on;
-- exit: how long a process with a compiled expert on the GPU takes to end, normally and by os._exit.
+- exit: how long a process with a compiled expert on the GPU takes to end, normally and by os._exit;
+- load: an expert's load in a fresh process, with turbowan's GIL switch interval and the default.
 `bench_pipeline.py models [--int8]` writes the models first.
 """
 
@@ -149,6 +150,22 @@ def probe_exit(models: Path, video_args: list[str]) -> None:
               flush=True)
 
 
+def probe_load(models: Path) -> None:
+    """An expert's load in a fresh process (diffusers imported meanwhile), with the GIL switch interval
+    turbowan.models uses during the stream and with Python's default."""
+    for interval in ("library", "0.005"):
+        code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
+                f"sys.path.insert(0, {str(REPO)!r})\n"
+                "import turbowan.models as m\n"
+                f"if {interval!r} != 'library': m.STREAM_SWITCH_INTERVAL_S = float({interval!r})\n"
+                "t = time.perf_counter(); torch.cuda.init()\n"
+                f"m.load_transformer({str(models / 'high.safetensors')!r}, torch.device('cuda'), compile=True)\n"
+                "print(f'LOAD {time.perf_counter() - t:.2f}')\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "LOAD" in line or "side by side" in line]
+        print(f"load: switch interval {interval}: {' | '.join(lines) or proc.stderr[-800:]}", flush=True)
+
+
 def exit_child(path: str, video: dict, how: str) -> None:
     from turbowan.models import load_transformer
 
@@ -255,6 +272,8 @@ def main() -> None:
         probe_expert(str(args.models / "high.safetensors"), video, fresh_compile=True)
     if "vae" in wanted:
         probe_vae(str(args.models / "vae.safetensors"), video)
+    if "load" in wanted:
+        probe_load(args.models)
     if "exit" in wanted:
         probe_exit(args.models, ["--resolution", args.resolution, "--frames", str(args.frames)])
     if "exit-child" in wanted:

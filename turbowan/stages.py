@@ -185,7 +185,8 @@ def decode_latents(
 
     The GPU decodes on a second thread a row ahead, while this one writes the frames of the row
     before (1 s a row at 720p). mp4 ({fps, quality}, with a store): the CPU also makes each row's
-    mp4 into the store, where that row's encode_video job then finds it. The group's last row is
+    mp4 into the store, two at a time (one takes 5-7 s at 720p beside the decoding, more than a
+    row's decode), where that row's encode_video job then finds it. The group's last row is
     left to its encode_video job, which runs beside the next GPU job instead of keeping this one
     (and its card) waiting.
     """
@@ -204,7 +205,7 @@ def decode_latents(
         return frames, time.perf_counter() - started
 
     tasks = [_vae_task(row, {"latent": row["latent"], "vae": vae}, vae_dtype, dev) for row in rows]
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as gpu, ThreadPoolExecutor(1, thread_name_prefix="mp4") as cpu:
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as gpu, ThreadPoolExecutor(2, thread_name_prefix="mp4") as cpu:
         ahead = Lookahead(gpu, decode_row, tasks, lambda t: store is None or not store_entry(store, "decode", t).exists())
 
         def compute(task: RowTask, path: Path) -> None:
