@@ -106,7 +106,9 @@ def _stream_state_dict(
 
 
 # Python's GIL switch interval while a stream runs beside an import (default 5 ms): the stream
-# thread waits for the GIL after each read and copy, and the import would hold it that long.
+# thread waits for the GIL after each read and copy, and the import would hold it that long. In
+# the pipeline on an H200 an expert's load took 7.8 s with 1 ms and 8.8-10.2 s with 5 ms, but a
+# probe run beside a busy job gave 7.6 s against 6.7 s (BENCHMARKS.md): not settled.
 STREAM_SWITCH_INTERVAL_S = 0.001
 
 
@@ -116,8 +118,7 @@ def _streaming(info: ModelInfo, table: dict[str, str], device: torch.device, dty
     diffusers or transformers and builds the empty network: the imports take seconds in every job
     (6 s on the H100 machine), and so does reading a 28.6 GB expert (4 s warm), so the two overlap.
     Yields a function that waits for the state dict; if the caller fails first, the stream stops.
-    The two share Python's GIL: on an H200, with the 5 ms default switch interval, an expert's
-    network was built in 8.5 s and its weights had arrived after 7.3 s (STREAM_SWITCH_INTERVAL_S)."""
+    The two share Python's GIL (STREAM_SWITCH_INTERVAL_S)."""
     stop = threading.Event()
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(STREAM_SWITCH_INTERVAL_S)

@@ -21,19 +21,21 @@ from .compiled import compile_wanted
 from .devices import release, resolve_device, resolve_dtype
 from .image import open_rgb, preprocess
 from .models import load_text_encoder, load_tokenizer, load_transformer, load_vae
+from .mp4 import mp4_into_store
 from .progress import phase
 from .sampler import SamplerState, dit_velocity, initial_state, restore_generator, run_steps
 from .schedule import num_high_steps, rcm_timesteps
 from .sizes import latent_shape, video_values
 from .text import TEXT_LEN, encode_text
 from .vae import decode_frames, encode_condition
-from .mp4 import mp4_into_store
 from .video import save_frames
 
 log = logging.getLogger(__name__)
 
 # The per-row values that determine a row's sampling, recorded in its boundary and latent files.
 SAMPLING_KEYS = ("seed", "num_steps", "sigma_max", "boundary", "ode")
+
+
 def _sampling(sampling: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "seed": int(sampling["seed"]),
@@ -131,7 +133,8 @@ def _with_vae(model_of: Lazy, dev: torch.device, video: Mapping[str, int], fruga
     tiled = _tiling_wanted(dev, video, frugal)
     (model.enable_tiling if tiled else model.disable_tiling)()
     if tiled:
-        log.info("row %s: VAE tiling on (%s)", key, "a retry, to use less memory" if frugal else "the frame size needs it")
+        log.info("row %s: VAE tiling on (%s)", key,
+                 "a retry, to use less memory" if frugal else "the frame size needs it")
     try:
         return work(model)
     except torch.OutOfMemoryError:
@@ -162,7 +165,8 @@ def encode_images(
         video = task.values["video"]
         pixels = preprocess(open_rgb(task.inputs["image"]), video["width"], video["height"])  # [1, 3, H, W]
         with phase("VAE encode"):
-            y = _with_vae(model, dev, video, frugal, lambda m: encode_condition(m, pixels, video["num_frames"]), task.key)
+            y = _with_vae(model, dev, video, frugal, lambda m: encode_condition(m, pixels, video["num_frames"]),
+                          task.key)
         log.info("image %s -> y %s", task.inputs["image"], list(y.shape))
         save_artifact(path, {"y": y}, stage="encode_image", params=task.params, inputs=task.inputs)
 
@@ -205,15 +209,19 @@ def decode_latents(
         return frames, time.perf_counter() - started
 
     tasks = [_vae_task(row, {"latent": row["latent"], "vae": vae}, vae_dtype, dev) for row in rows]
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as gpu, ThreadPoolExecutor(2, thread_name_prefix="mp4") as cpu:
-        ahead = Lookahead(gpu, decode_row, tasks, lambda t: store is None or not store_entry(store, "decode", t).exists())
+    def not_stored(task: RowTask) -> bool:
+        return store is None or not store_entry(store, "decode", task).exists()
+
+    with (ThreadPoolExecutor(1, thread_name_prefix="decode") as gpu,
+          ThreadPoolExecutor(2, thread_name_prefix="mp4") as cpu):
+        ahead = Lookahead(gpu, decode_row, tasks, needed=not_stored)
 
         def compute(task: RowTask, path: Path) -> None:
             frames, seconds = ahead.result(task)
             log.info("VAE decode: %.2f s", seconds)
             started = time.perf_counter()
-            made_by = {"latent": fingerprint(task.inputs["latent"]), "vae": fingerprint(vae), "params": task.params}
-            save_frames(frames, path, made_by)
+            save_frames(frames, path, {"latent": fingerprint(task.inputs["latent"]), "vae": fingerprint(vae),
+                                       "params": task.params})
             log.info("write frames: %.2f s", time.perf_counter() - started)
 
         def make_mp4_early(task: RowTask) -> None:
