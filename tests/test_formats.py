@@ -194,3 +194,26 @@ def test_mismatched_set_is_reported(layouts, tmp_path):
     assert any(p.startswith("models.text_encoder") and "expects text_dim 64" in p and str(other.path) in p
                for p in problems), problems
     assert len(problems) == 2
+
+
+def test_the_snakefile_checks_safetensors_model_files_without_torch(layouts):
+    """Snakemake checks every model file before a job starts, in every `snakemake` call (and on SLURM
+    in every job's): with safetensors files that takes no torch import (1.5 s). Also int8 and fp8."""
+    import subprocess
+    import sys
+
+    files = {name: layouts[name] for name in ("dit.safetensors", "dit-int8.safetensors", "t5-fp8.safetensors",
+                                              "t5-hf.safetensors")}
+    code = (
+        "import sys\n"
+        "import turbowan.artifacts, turbowan.batch, turbowan.gallery, turbowan.modelfiles, turbowan.sheet\n"
+        "import turbowan.summary  # what rules/*.smk import\n"
+        "from turbowan.formats import inspect_model\n"
+        f"for path in {list(files.values())!r}:\n"
+        "    print(inspect_model(path).layout)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:-1] == [
+        "wan-dit", "wan-dit-int8", "umt5-hf-fp8-scaled", "umt5-hf", "torch imported: False"]

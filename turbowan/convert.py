@@ -28,7 +28,8 @@ import torch
 
 from .artifacts import META_KEY, atomic_path, fingerprint, package_versions
 from .formats import (
-    CheckpointError, TensorInfo, check_role, clean_dit_key, container_of, inspect_model, load_pth, read_index,
+    CheckpointError, TensorInfo, check_role, clean_dit_key, container_of, dtype_name, inspect_model, load_pth,
+    read_index,
 )
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def prepare_model(source: str, out: str, role: str) -> None:
     if container_of(source_path) != "pth":
         raise CheckpointError(f"{source}: already a safetensors file; it needs no conversion")
     tensors = load_pth(source_path)  # memory-mapped: nothing read yet
-    index = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    index = {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
     info = check_role(inspect_model(source_path, index, "pth"), role)
     log.info("%s: %s, %d tensors", source, info.describe(), len(tensors))
     rename = clean_dit_key if info.kind == "dit" else (lambda k: k)

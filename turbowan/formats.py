@@ -16,9 +16,10 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are read: the Snakefile checks files without it
+    import torch
 
 HEAD_DIM = 128  # every Wan2.x DiT uses 128-wide attention heads
 INT8_BLOCK = 128  # the int8 format's 128x128 weight blocks
@@ -34,13 +35,18 @@ KIND_WORDS = {
     "text_encoder": "the umT5-XXL text encoder",
 }
 
+# dtypes by torch's names for them (torch.bfloat16 -> "bfloat16"; dtype_name)
 _SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
+    "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class CheckpointError(ValueError):
@@ -49,7 +55,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    dtype: torch.dtype
+    dtype: str  # torch's name for it: "bfloat16"
     shape: tuple[int, ...]
 
 
@@ -111,6 +117,8 @@ def load_pth(path: str | Path) -> dict[str, torch.Tensor]:
 
     Unwraps a {"state_dict": ...} / {"model": ...} wrapper; drops entries that are not tensors.
     """
+    import torch
+
     path = Path(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -136,9 +144,9 @@ def read_index(path: str | Path) -> tuple[str, dict[str, TensorInfo]]:
     container = container_of(path)
     if container == "pth":
         tensors = load_pth(path)
-        return container, {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        return container, {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # (headers only: no torch, no data)
             index = {}
             for name in f.keys():
                 piece = f.get_slice(name)
@@ -303,7 +311,7 @@ def _inspect_dit(path: Path, container: str, raw: Mapping[str, TensorInfo]) -> M
     for layer in int8_layers:
         q, scale = index[layer + ".int8_weight"], index.get(layer + ".scale")
         blocks = tuple(math.ceil(n / INT8_BLOCK) for n in q.shape)
-        if q.dtype != torch.int8 or scale is None or scale.dtype != torch.float32 or scale.shape != blocks:
+        if q.dtype != "int8" or scale is None or scale.dtype != "float32" or scale.shape != blocks:
             raise CheckpointError(
                 f"{path}: {layer} is not in the int8 format: expected int8_weight int8 {list(q.shape)} and "
                 f"scale float32 {list(blocks)} (one per 128x128 block), found "
