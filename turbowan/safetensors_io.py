@@ -121,7 +121,6 @@ class SafetensorsFile:
             while reads:
                 (start, _, run_names), slab, future = reads.popleft()
                 if slab is None:
-                    block = None
                     tensors = [(run_names[0], self.get_tensor(run_names[0]).to(device))]
                 else:
                     block = future.result()
