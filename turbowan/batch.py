@@ -130,12 +130,12 @@ class Lookahead:
     def __init__(self, pool: Executor, work: Callable[[RowTask], Any], tasks: list[RowTask],
                  needed: Callable[[RowTask], bool]):
         self._pool, self._work, self._tasks, self._needed = pool, work, tasks, needed
+        self._position = {t.key: i for i, t in enumerate(tasks)}
         self._started: dict[str, Future] = {}
 
     def result(self, task: RowTask) -> Any:
         future = self._started.pop(task.key, None) or self._pool.submit(self._work, task)
-        keys = [t.key for t in self._tasks]
-        later = self._tasks[keys.index(task.key) + 1:]
+        later = self._tasks[self._position[task.key] + 1:]
         upcoming = next((t for t in later if self._needed(t)), None)
         if upcoming is not None and upcoming.key not in self._started:
             self._started[upcoming.key] = self._pool.submit(self._work, upcoming)

@@ -35,8 +35,8 @@ KIND_WORDS = {
     "text_encoder": "the umT5-XXL text encoder",
 }
 
-# dtypes by torch's names for them (torch.bfloat16 -> "bfloat16"; dtype_name)
-_SAFETENSORS_DTYPES = {
+# safetensors' dtype codes -> torch's names for the dtypes (torch.bfloat16 -> "bfloat16"; dtype_name)
+SAFETENSORS_DTYPES = {
     "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
     "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
@@ -150,7 +150,7 @@ def read_index(path: str | Path) -> tuple[str, dict[str, TensorInfo]]:
             index = {}
             for name in f.keys():
                 piece = f.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
                 if dtype is None:
                     raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {piece.get_dtype()}")
                 index[name] = TensorInfo(dtype, tuple(piece.get_shape()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps

@@ -19,11 +19,9 @@ from typing import Iterator
 
 import torch
 
-DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+from .formats import SAFETENSORS_DTYPES
+
+DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 CHUNK = 256 * 1024**2  # one read call stays well below Linux's 2 GiB per-call limit
 # Staging for to_device: 4 pinned buffers of 256 MB (an A14B expert's largest tensor, an FFN
 # weight, is 141 MB in bf16; umT5's 2.1 GB embedding goes through on its own).
@@ -72,7 +70,7 @@ class SafetensorsFile:
         """Read a tensor's bytes into the front of a uint8 CPU `buffer`; returns it typed and shaped."""
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        return self._read_range(start, end, buffer).view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return self._typed(self._read_range(start, end, buffer), entry)
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self.read_into(name, torch.empty(self.nbytes(name), dtype=torch.uint8))
@@ -166,7 +164,11 @@ class SafetensorsFile:
         """Tensor `name`, copied out of `block` (uint8 bytes from `block_start` on) into its own memory."""
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        data = block[start - block_start: end - block_start].clone()  # (a fresh, aligned allocation)
+        return self._typed(block[start - block_start: end - block_start].clone(), entry)  # (fresh, aligned)
+
+    @staticmethod
+    def _typed(data: torch.Tensor, entry: dict) -> torch.Tensor:
+        """A tensor's uint8 bytes as its dtype and shape (a view)."""
         return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def close(self) -> None:
