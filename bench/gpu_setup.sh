@@ -2,16 +2,12 @@
 # Set up the GPU machine for a run: the carried wheels (diffusers, ftfy, ...), Snakemake with its
 # dependencies, the ffmpeg binary, and optionally turbodiffusion built from its sdist.
 # Source it: `source bench/gpu_setup.sh [--turbo]`.
-# Snakemake's wheels travel as .whl/snakemake-kit.tar.xz: wheels stored uncompressed in one xz
-# tarball, a third smaller than the wheels as PyPI ships them. They go in with the others, in one
-# pip call (a second `--target --upgrade` call would replace /tmp/site/bin).
-SMK_KIT=
-if [ -f .whl/snakemake-kit.tar.xz ]; then
-  rm -rf /tmp/smk-wheels && mkdir -p /tmp/smk-wheels || return 1
-  xz -dc .whl/snakemake-kit.tar.xz | tar -xf - -C /tmp/smk-wheels || return 1
-  SMK_KIT=/tmp/smk-wheels/*.whl
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $SMK_KIT || return 1
+# The wheels travel as .whl/kit.tar.xz (bench/make_device_kit.sh builds it): stored uncompressed in
+# one xz tarball, a third smaller than the wheels as PyPI ships them. One pip call installs them all
+# (a second `--target --upgrade` call would replace /tmp/site/bin).
+rm -rf /tmp/kit-wheels && mkdir -p /tmp/kit-wheels || return 1
+xz -dc .whl/kit.tar.xz | tar -xf - -C /tmp/kit-wheels || return 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/kit-wheels/*.whl || return 1
 cp -r .whl/pylib/* /tmp/site/
 # bytecode once: without it every job process recompiles diffusers (seconds per job)
 python3 -m compileall -q -j 0 /tmp/site > /dev/null 2>&1
