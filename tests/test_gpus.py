@@ -167,18 +167,26 @@ def test_run_job_ends_its_process_once_the_log_is_written(tmp_path):
         "import atexit, pathlib, sys\n"
         "from turbowan.jobs import run_job\n"
         "def stage(device, fail):\n"
+        "    import importlib.util\n"
+        "    print('peft seen:', importlib.util.find_spec('peft') is not None)\n"
         f"    atexit.register(pathlib.Path({str(tmp_path / 'atexit-ran')!r}).touch)\n"
         f"    pathlib.Path({str(tmp_path / 'out.txt')!r}).write_text('made')\n"
         "    if fail:\n"
         "        raise ValueError('broken on purpose')\n"
         f"run_job('sample_high', {str(tmp_path / 'job.log')!r}, stage, gpus=1, device='auto', fail=sys.argv[1] == 'fail')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TURBOWAN_GPUS": CARDS[0],
-           "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
+    # an installed peft, which diffusers would import; the job hides it (hide_unused_packages)
+    (tmp_path / "site" / "peft").mkdir(parents=True)
+    (tmp_path / "site" / "peft" / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path / "site")]),
+           "TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
     env.pop("SLURM_JOB_ID", None)
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    outside = subprocess.run([sys.executable, "-c", "import peft"], env=env, capture_output=True, timeout=60)
+    assert outside.returncode == 0, outside.stderr
     proc = subprocess.run([sys.executable, "-c", code, "ok"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "peft seen: False" in proc.stdout
     assert (tmp_path / "out.txt").read_text() == "made"
     assert not (tmp_path / "atexit-ran").exists()
     assert "sample_high done in" in (tmp_path / "job.log").read_text()
@@ -191,3 +199,19 @@ def test_run_job_ends_its_process_once_the_log_is_written(tmp_path):
     assert proc.returncode == 1 and "ValueError: broken on purpose" in proc.stderr
     assert "sample_high failed after" in (tmp_path / "job.log").read_text()
     assert (tmp_path / "atexit-ran").exists()
+
+
+def test_the_model_libraries_import_with_the_unused_packages_hidden():
+    """What a model job imports still imports once hide_unused_packages has run."""
+    code = (
+        "from turbowan.jobs import hide_unused_packages, UNUSED_PACKAGES\n"
+        "assert hide_unused_packages() == list(UNUSED_PACKAGES)\n"
+        "from diffusers import AutoencoderKLWan, WanTransformer3DModel\n"
+        "from transformers import AutoTokenizer, UMT5EncoderModel\n"
+        "import importlib.util\n"
+        "print([importlib.util.find_spec(name) for name in UNUSED_PACKAGES])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[None, None, None, None]"

@@ -17,9 +17,10 @@ def test_model_loads_say_what_size_and_speed(demo_models, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("loading ", "loaded "))]
     high, vae = re.escape(demo_models["high"]), re.escape(demo_models["vae"])
     assert re.fullmatch(rf"loading expert {high} \(0\.\d\d GB\) onto cpu", lines[0])
-    assert re.fullmatch(rf"loaded expert {high}: .* in \d+\.\d s \(\d+\.\d\d GB/s\)", lines[1])
+    took = r"in \d+\.\d s \(\d+\.\d\d GB/s\); host RSS \d+\.\d\d GB \(peak \d+\.\d\d GB\)"
+    assert re.fullmatch(rf"loaded expert {high}: .* {took}", lines[1])
     assert re.fullmatch(rf"loading VAE {vae} \(0\.\d\d GB\) onto cpu", lines[2])
-    assert re.fullmatch(rf"loaded VAE {vae}: .* in \d+\.\d s \(\d+\.\d\d GB/s\)", lines[3])
+    assert re.fullmatch(rf"loaded VAE {vae}: .* {took}", lines[3])
 
 
 def test_sampling_logs_each_step_and_the_expert_total(caplog):

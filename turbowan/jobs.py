@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -13,6 +12,7 @@ import time
 from typing import Any, Callable, NoReturn
 
 from .gpus import assign_gpu
+from .progress import host_rss_gb
 
 log = logging.getLogger("turbowan.job")
 
@@ -60,19 +60,6 @@ def injected_fault(name: str, key: str) -> None:
         raise RuntimeError(f"fault injected by {FAULT_ENV} for {name}:{key}")
 
 
-def _peak_rss_gb() -> float:
-    """This process's own peak resident memory (VmHWM; ru_maxrss would include a parent's peak
-    from before exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e9  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
 def run_stage(
     name: str, log_file: str | None, stage: Callable[..., Any], *, gpus: int = 0, **kwargs: Any
 ) -> None:
@@ -102,7 +89,7 @@ def run_stage(
         except Exception:
             log.exception("%s failed after %.1f s", name, time.perf_counter() - started)
             raise
-        rss_gb = _peak_rss_gb()
+        rss_gb = host_rss_gb()[1]
         gpu = ""
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
@@ -115,11 +102,31 @@ def run_stage(
             card.release()  # (a killed job releases it too: the kernel drops the flock)
 
 
+# Packages that diffusers and transformers import whenever they are installed, and that no stage
+# uses: peft (LoRA adapters) and, through transformers' generation and image utilities,
+# scikit-learn, torchvision and timm. On the GPU machines, which have all four, they cost 1.1 to
+# 2.7 s of each model job's import (BENCHMARKS.md).
+UNUSED_PACKAGES = ("peft", "sklearn", "torchvision", "timm")
+
+
+def hide_unused_packages() -> list[str]:
+    """Mark UNUSED_PACKAGES as not importable in this process, the way Python itself does (None in
+    sys.modules): `import` of one raises ImportError and importlib.util.find_spec, which diffusers'
+    and transformers' availability checks use, says it is not there. One already imported is left.
+    Returns the names hidden."""
+    hidden = [name for name in UNUSED_PACKAGES if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    return hidden
+
+
 def run_job(name: str, log_file: str | None, stage: Callable[..., Any], **kwargs: Any) -> NoReturn:
-    """run_stage in a GPU job's own process, which then ends at once (os._exit) once its log is
-    flushed: Python's orderly exit takes 2.9 s with a compiled expert on an H100 (0.5 s this way),
-    seconds that the next job waits for. The process's outputs are all closed by then, and the kernel
-    frees its memory, GPU memory and lock. A failure raises as in run_stage (a normal exit)."""
+    """run_stage in a model job's own process: with hide_unused_packages, and ending at once
+    (os._exit) once its log is flushed: Python's orderly exit takes 2.9 s with a compiled expert on
+    an H100 (0.5 s this way), seconds that the next job waits for. The process's outputs are all
+    closed by then, and the kernel frees its memory, GPU memory and lock. A failure raises as in
+    run_stage (a normal exit)."""
+    hide_unused_packages()
     run_stage(name, log_file, stage, **kwargs)
     logging.shutdown()
     sys.stdout.flush()

@@ -39,7 +39,23 @@ def announce_load(logger: logging.Logger, what: str, path: str | Path, device: o
 
 
 def took(path: str | Path, started: float) -> str:
-    """'<s> s (<GB/s>)': the time since `started` and the file's size over it."""
+    """'<s> s (<GB/s>); host RSS <GB> (peak <GB>)': the time since `started`, the file's size over
+    it, and the process's host memory (a load should leave none of the file behind)."""
     seconds = time.perf_counter() - started
     rate = _size_bytes(path) / 1e9 / seconds if seconds > 0 else float("inf")
-    return f"{seconds:.1f} s ({rate:.2f} GB/s)"
+    now, peak = host_rss_gb()
+    return f"{seconds:.1f} s ({rate:.2f} GB/s); host RSS {now:.2f} GB (peak {peak:.2f} GB)"
+
+
+def host_rss_gb() -> tuple[float, float]:
+    """This process's resident host memory now and at its peak, in GB (VmRSS, VmHWM; ru_maxrss
+    would include a parent's peak from before exec). (0, 0) where /proc is missing."""
+    values = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    values[line[:5]] = int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
+    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
