@@ -49,6 +49,24 @@ def test_pinned_read_ahead_to_the_gpu_gives_the_files_tensors(tmp_path):
         assert tensor.is_cuda and torch.equal(tensor.cpu(), tensors[name]), name
 
 
+def test_the_pinned_slabs_leave_the_host_memory_once_a_load_is_done(tmp_path):
+    """PyTorch keeps freed pinned memory cached (in the job's RSS); to_device gives its slabs back."""
+    from turbowan.progress import host_rss_gb
+    from turbowan.safetensors_io import SafetensorsFile
+
+    from .test_safetensors_io import staged_file
+
+    path, tensors = staged_file(tmp_path)
+    torch.zeros(1, device="cuda")
+    before, _ = host_rss_gb()
+    with SafetensorsFile(path) as f:
+        got = list(f.to_device(list(tensors), torch.device("cuda"), slab_bytes=256 * 1024**2, slabs=4))
+    after, peak = host_rss_gb()
+    assert len(got) == len(tensors)
+    assert peak - before > 0.9  # the four slabs were there (1.07 GB)
+    assert after - before < 0.2, (before, after)
+
+
 def test_sliced_feed_forward_matches_the_whole_one_on_cuda(demo_models):
     from turbowan.models import load_transformer
 

@@ -33,6 +33,17 @@ class SafetensorsFormatError(ValueError):
     pass
 
 
+def release_pinned_cache() -> None:
+    """Give freed pinned host memory back to the system. PyTorch's pinned-memory allocator keeps
+    what it freed for reuse, so without this the slabs of a load (1 GB) would stay in the job's
+    RSS until it ends. (torch.accelerator.empty_host_cache in newer torch, torch._C._host_emptyCache
+    in 2.11 and before; a no-op in a torch with neither.)"""
+    empty_host_cache = (getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+                        or getattr(torch._C, "_host_emptyCache", None))
+    if empty_host_cache is not None:
+        empty_host_cache()
+
+
 class SafetensorsFile:
     """`get_tensor(name)` -> a CPU tensor of its own (not a view of a memory map)."""
 
@@ -88,6 +99,14 @@ class SafetensorsFile:
         to a GIL switch interval.) A slab is reused once its copy has completed. Host memory stays
         at the slabs (1 GB) however large the file; a tensor larger than a slab goes on its own.
         """
+        cuda = device.type == "cuda"
+        try:
+            yield from self._to_device(names, device, slab_bytes, slabs)
+        finally:
+            if cuda:
+                release_pinned_cache()
+
+    def _to_device(self, names: list[str], device: torch.device, slab_bytes: int, slabs: int):
         cuda = device.type == "cuda"
         free = [torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(slabs)]
         staging = torch.empty(slab_bytes, dtype=torch.uint8, device=device) if cuda else None
