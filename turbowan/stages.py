@@ -164,6 +164,7 @@ def encode_images(
     def compute(task: RowTask, path: Path) -> None:
         video = task.values["video"]
         pixels = preprocess(open_rgb(task.inputs["image"]), video["width"], video["height"])  # [1, 3, H, W]
+        model()  # (loaded with the first row, outside its timing)
         with phase("VAE encode"):
             y = _with_vae(model, dev, video, frugal, lambda m: encode_condition(m, pixels, video["num_frames"]),
                           task.key)
@@ -198,7 +199,9 @@ def decode_latents(
     model = Lazy(lambda: _load_vae(vae, dev, vae_dtype))
 
     def decode_row(task: RowTask) -> tuple[torch.Tensor, float]:
-        """(on the decode thread) uint8 frames [F, H, W, 3] and the seconds they took"""
+        """(on the decode thread) uint8 frames [F, H, W, 3] and the seconds they took (the VAE's
+        load, with the first row, not counted)"""
+        model()
         started = time.perf_counter()
         video, latent = task.values["video"], task.inputs["latent"]
         saved, _ = load_artifact(latent, "sample_low", {"x": (latent_shape(**video), torch.float64)}, params=video)
