@@ -280,7 +280,12 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
 
     from turbowan.compiled import compile_wanted
     from turbowan.devices import resolve_device
+    from turbowan.jobs import hide_unused_packages
 
+    hide_unused_packages()  # as the pipeline's model jobs do
+    import logging  # the library's phase timings (loads, steps, VAE calls), as a job's log has them
+
+    logging.basicConfig(level=logging.INFO, format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
     dev = resolve_device("auto")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()

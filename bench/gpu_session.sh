@@ -7,7 +7,13 @@
 #   bash bench/gpu_session.sh 720p [N]   the same at 720p
 #   bash bench/gpu_session.sh final      720p, 8 rows, batch_rows 8: the pipeline on card 0 while the
 #                                        reference runs on card 1, then the load probe on card 1
+#   bash bench/gpu_session.sh warm       on one GPU: set up, write the models, compile an expert once
+#                                        (Inductor's cache), so that the next two calls run warm
+#   bash bench/gpu_session.sh rss        on one GPU: an expert job's host memory (load, compile, two
+#                                        forwards), with a cold and then a warm Inductor cache
 #   bash bench/gpu_session.sh one        on one GPU: the 720p 8-row pipeline (batch_rows 8), no reference
+#   bash bench/gpu_session.sh reference  on one GPU: the reference loop on the same rows, then the
+#                                        probes of RSS baseline, warm load and import hiding
 #   bash bench/gpu_session.sh final4     on four GPUs at once: card 0 the 720p 8-row pipeline (batch_rows
 #                                        8), card 1 the reference, card 2 int8 experts on 2 rows (unsliced),
 #                                        card 3 bf16 on the same 2 rows, then a compile in a fresh process
@@ -54,6 +60,16 @@ case "${1:-cards}" in
      stamp "load probe"
      CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/probe_gpu.py --models $W/models --only load > "$OUT/probe.txt" 2>&1)
     wait
+    ;;
+  warm)
+    stamp "compile"; timeout 200 python3 bench/probe_gpu.py --models $W/models --only compile-warm > "$OUT/probe.txt" 2>&1
+    ;;
+  reference)
+    stamp "reference"; bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
+    stamp "probe"; timeout 200 python3 bench/probe_gpu.py --models $W/models --only baseline,load,hiding > "$OUT/probe.txt" 2>&1
+    ;;
+  rss)
+    stamp "expert rss"; timeout 240 python3 bench/probe_gpu.py --models $W/models --only expert-rss > "$OUT/probe.txt" 2>&1
     ;;
   one)
     stamp "pipeline"; bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1

@@ -11,7 +11,11 @@
   slices, under a 22 GB cap (a 24 GB card less the CUDA context);
 - vae: encode and decode of one row, with cuDNN's autotuner off and on;
 - exit: how long a process with a compiled expert on the GPU takes to end, normally and by os._exit;
-- load: an expert's load in a fresh process, with turbowan's GIL switch interval and the default.
+- load: an expert's warm load in fresh processes: as a job does it, with Python's default GIL
+  switch interval, and with diffusers imported beforehand (the load alone);
+- hiding: each model library's import, plain and with turbowan.jobs.hide_unused_packages first;
+- baseline: a job's host memory before it loads anything (Python, torch, CUDA context, libraries);
+- expert-rss: an expert job's host memory through load, compile and two forwards, cold and warm.
 `bench_pipeline.py models [--int8]` writes the models first.
 """
 
@@ -58,6 +62,41 @@ def probe_imports() -> None:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", what], check=True, cwd=REPO)
         print(f"imports: {what!r}: {time.perf_counter() - started:.2f} s (fresh process)", flush=True)
+
+
+def probe_import_hiding(repeat: int = 3) -> None:
+    """Each model library's import in fresh processes, plain and with turbowan.jobs'
+    hide_unused_packages first (what run_job does); seconds from the start of `import torch`."""
+    timed = ("import time; t = time.perf_counter(); import torch\n{hide}{what}\n"
+             "print(f'{{time.perf_counter() - t:.2f}}')")
+    hide = "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
+    for what in ("from diffusers import AutoencoderKLWan", "from diffusers import WanTransformer3DModel",
+                 "from transformers import UMT5EncoderModel"):
+        for label, prefix in (("plain", ""), ("hidden", hide)):
+            times = [subprocess.run([sys.executable, "-c", timed.format(hide=prefix, what=what)], check=True, cwd=REPO,
+                                    capture_output=True, text=True).stdout.strip() for _ in range(repeat)]
+            print(f"import hiding: {what!r} {label}: {' '.join(times)} s", flush=True)
+
+
+def probe_rss_baseline() -> None:
+    """The host memory an expert job has before it loads anything: Python, torch with a CUDA
+    context, then turbowan.stages and diffusers' Wan classes (fresh processes)."""
+    code = ("import sys; sys.path.insert(0, {repo!r})\n"
+            "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()\n{more}\n"
+            "from turbowan.progress import host_rss_gb; print('%.2f GB now, %.2f GB peak' % host_rss_gb())")
+    math = ("a = torch.randn(4096, 4096, device='cuda', dtype=torch.bfloat16); (a @ a).sum().item()\n"
+            "q = torch.randn(1, 8, 1024, 128, device='cuda', dtype=torch.bfloat16)\n"
+            "torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()\n"
+            "c = torch.nn.Conv3d(16, 16, 3).cuda().bfloat16(); c(torch.randn(1, 16, 4, 32, 32, device='cuda', "
+            "dtype=torch.bfloat16)).sum().item()")
+    imports = ("from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
+               "import turbowan.stages; from diffusers import WanTransformer3DModel, AutoencoderKLWan")
+    for label, more in (("python, torch, CUDA context", ""),
+                        ("+ cuBLAS, SDPA and cuDNN used once (their code in memory)", math),
+                        ("+ turbowan.stages, diffusers' Wan classes", math + "\n" + imports)):
+        out = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), more=more)], capture_output=True,
+                             text=True)
+        print(f"rss baseline: {label}: {out.stdout.strip() or out.stderr[-500:]}", flush=True)
 
 
 def probe_importtime(what: str = "from diffusers import AutoencoderKLWan", top: int = 25) -> None:
@@ -135,6 +174,33 @@ def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
     free_gpu()
 
 
+def probe_expert_rss(models: Path, video_args: list[str]) -> None:
+    """An expert job's host memory, as run_job has it (unused packages hidden, the expert loaded and
+    compiled, two forwards), in two fresh processes: the first fills Inductor's cache, the second
+    runs warm, as every later job does."""
+    for run in ("cold cache", "warm cache"):
+        proc = subprocess.run([sys.executable, __file__, "--models", str(models), *video_args, "--only",
+                               "expert-rss-child"], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RSS")]
+        print(f"expert rss ({run}): {' | '.join(lines) or proc.stderr[-800:]}", flush=True)
+
+
+def expert_rss_child(path: str, video: dict) -> None:
+    from turbowan.jobs import hide_unused_packages
+    from turbowan.progress import host_rss_gb
+
+    hide_unused_packages()
+    from turbowan.models import load_transformer
+
+    model = load_transformer(path, torch.device("cuda"), compile=True)
+    print("RSS after load %.2f GB (peak %.2f GB)" % host_rss_gb(), flush=True)
+    inputs = expert_inputs(model, video)
+    for _ in range(2):
+        forward(model, inputs)
+    torch.cuda.synchronize()
+    print("RSS after two forwards %.2f GB (peak %.2f GB)" % host_rss_gb(), flush=True)
+
+
 def probe_exit(models: Path, video_args: list[str]) -> None:
     """Seconds from an expert job's last line to its process's end, which the next job waits for:
     Python's own exit against os._exit, each with a compiled expert on the GPU, as a job has it."""
@@ -151,19 +217,23 @@ def probe_exit(models: Path, video_args: list[str]) -> None:
 
 
 def probe_load(models: Path) -> None:
-    """An expert's load in a fresh process (diffusers imported meanwhile), with the GIL switch interval
-    turbowan.models uses during the stream and with Python's default."""
-    for interval in ("library", "0.005"):
+    """An expert's warm load (page cache) in fresh processes, as a job does it (the unused packages
+    hidden, diffusers imported while the weights stream), with Python's default GIL switch interval
+    instead of turbowan.models', and with diffusers imported beforehand: the load alone."""
+    for variant in ("job", "switch 0.005", "imported first"):
         code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
                 f"sys.path.insert(0, {str(REPO)!r})\n"
+                "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
                 "import turbowan.models as m\n"
-                f"if {interval!r} != 'library': m.STREAM_SWITCH_INTERVAL_S = float({interval!r})\n"
-                "t = time.perf_counter(); torch.cuda.init()\n"
+                f"if {variant!r} == 'switch 0.005': m.STREAM_SWITCH_INTERVAL_S = 0.005\n"
+                f"if {variant!r} == 'imported first': import diffusers.models.transformers.transformer_wan\n"
+                "torch.cuda.init(); t = time.perf_counter()\n"
                 f"m.load_transformer({str(models / 'high.safetensors')!r}, torch.device('cuda'), compile=True)\n"
-                "print(f'LOAD {time.perf_counter() - t:.2f}')\n")
+                "print(f'LOAD {time.perf_counter() - t:.2f} s')\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "LOAD" in line or "side by side" in line]
-        print(f"load: switch interval {interval}: {' | '.join(lines) or proc.stderr[-800:]}", flush=True)
+        lines = [line.split(": ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines()
+                 if "LOAD" in line or "side by side" in line or "loaded expert" in line]
+        print(f"load ({variant}): {' | '.join(lines) or proc.stderr[-800:]}", flush=True)
 
 
 def exit_child(path: str, video: dict, how: str) -> None:
@@ -257,6 +327,10 @@ def main() -> None:
     wanted = args.only.split(",")
     if "imports" in wanted:
         probe_imports()
+    if "baseline" in wanted:
+        probe_rss_baseline()
+    if "hiding" in wanted:
+        probe_import_hiding()
     if "importtime" in wanted:
         probe_importtime()
     if "norms" in wanted:
@@ -276,6 +350,10 @@ def main() -> None:
         probe_load(args.models)
     if "exit" in wanted:
         probe_exit(args.models, ["--resolution", args.resolution, "--frames", str(args.frames)])
+    if "expert-rss" in wanted:
+        probe_expert_rss(args.models, ["--resolution", args.resolution, "--frames", str(args.frames)])
+    if "expert-rss-child" in wanted:
+        expert_rss_child(str(args.models / "high.safetensors"), video)
     if "exit-child" in wanted:
         exit_child(str(args.models / "high.safetensors"), video, args.exit)
 
