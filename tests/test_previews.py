@@ -137,3 +137,14 @@ print("torch imported:", "torch" in sys.modules)
     assert frame_count(tmp_path / "video.mp4") == FRAMES
     assert (tmp_path / "sheet.png").is_file() and (tmp_path / "preview.gif").is_file()
     assert (tmp_path / "video.mp4").stat().st_nlink == 2  # and its twin in the store
+
+
+def test_frames_are_counted_from_the_packets_as_decoding_counts_them(video, tmp_path):
+    """write_mp4's check counts packets (no decode); that is the number of frames a decoder gets."""
+    from turbowan.video import VideoError, count_frames, probe
+
+    assert count_frames(video) == probe(video)["frames"] == FRAMES
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(video.read_bytes()[: video.stat().st_size // 2])  # the index (moov) is at the end
+    with pytest.raises(VideoError, match="could not count its frames"):
+        count_frames(cut)

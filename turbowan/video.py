@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import imageio_ffmpeg
 from typing import TYPE_CHECKING
 
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -69,9 +70,22 @@ def write_mp4(frame_files: list[Path], path: str | Path, width: int, height: int
                 raise VideoError(f"{file}: frame is {frame.dtype} {frame.shape}, expected uint8 {(height, width, 3)}")
             writer.send(np.ascontiguousarray(frame))
         writer.close()
-        count, _ = imageio_ffmpeg.count_frames_and_secs(str(tmp))
+        count = count_frames(tmp)
         if count != len(frame_files):
             raise VideoError(f"{path}: encoder wrote {count} frames, expected {len(frame_files)}")
+
+
+def count_frames(path: str | Path) -> int:
+    """The frames in a video's first video stream, counted by ffmpeg from its packets (a stream copy,
+    one packet per frame) rather than by decoding them as imageio_ffmpeg.count_frames_and_secs does:
+    0.07 s instead of 2.2 s for 81 frames at 720p on 2 cores."""
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+           "-f", "null", "-"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    counts = re.findall(r"frame=\s*(\d+)", done.stderr)
+    if done.returncode != 0 or not counts:
+        raise VideoError(f"{path}: ffmpeg could not count its frames: {done.stderr.strip()[-300:]}")
+    return int(counts[-1])
 
 
 def probe(path: str | Path) -> dict:
