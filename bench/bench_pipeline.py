@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -280,11 +281,8 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
 
     from turbowan.compiled import compile_wanted
     from turbowan.devices import resolve_device
-    from turbowan.jobs import hide_unused_packages
 
-    hide_unused_packages()  # as the pipeline's model jobs do
-    import logging  # the library's phase timings (loads, steps, VAE calls), as a job's log has them
-
+    # the library's phase timings (loads, steps), as a job's log has them
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
     dev = resolve_device("auto")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -343,6 +341,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="demo-size models on any device: checks the script")
     args = parser.parse_args()
 
+    from turbowan.jobs import hide_unused_packages
+
+    hide_unused_packages()  # as the pipeline's model jobs do, before this process imports diffusers
     models = (make_tiny_models(args.workdir / "tiny-models") if args.tiny
               else make_models(args.workdir / "models", args.int8))
     activation_slices = args.activation_slices if args.activation_slices == "auto" else int(args.activation_slices)

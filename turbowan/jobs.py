@@ -104,8 +104,8 @@ def run_stage(
 
 # Packages that diffusers and transformers import whenever they are installed, and that no stage
 # uses: peft (LoRA adapters) and, through transformers' generation and image utilities,
-# scikit-learn, torchvision and timm. On the GPU machines, which have all four, they cost 1.1 to
-# 2.7 s of each model job's import (BENCHMARKS.md).
+# scikit-learn, torchvision and timm. On the H100 machines, which have all four, hiding them took
+# 0.9 to 1.4 s off each model library's import (means of 3; BENCHMARKS.md).
 UNUSED_PACKAGES = ("peft", "sklearn", "torchvision", "timm")
 
 

@@ -49,7 +49,8 @@ def took(path: str | Path, started: float) -> str:
 
 def host_rss_gb() -> tuple[float, float]:
     """This process's resident host memory now and at its peak, in GB (VmRSS, VmHWM; ru_maxrss
-    would include a parent's peak from before exec). (0, 0) where /proc is missing."""
+    would include a parent's peak from before exec). Where /proc is missing: 0 now, and the peak
+    from ru_maxrss."""
     values = {}
     try:
         with open("/proc/self/status") as f:
@@ -58,4 +59,8 @@ def host_rss_gb() -> tuple[float, float]:
                     values[line[:5]] = int(line.split()[1]) * 1024 / 1e9  # kB
     except OSError:
         pass
-    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+    if "VmHWM" not in values:
+        import resource
+
+        values["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return values.get("VmRSS", 0.0), values["VmHWM"]
