@@ -73,7 +73,7 @@ def test_conversion_holds_no_second_copy_of_the_checkpoint(tmp_path):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("RssAnon"))
 
-    peak, done = [anon_kb()], threading.Event()
+    done = threading.Event()
 
     def watch():
         while not done.is_set():
@@ -82,6 +82,7 @@ def test_conversion_holds_no_second_copy_of_the_checkpoint(tmp_path):
 
     prepare_model(str(source), str(tmp_path / "warm.safetensors"), "high")  # imports and caches warmed up
     start = anon_kb()
+    peak = [start]
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
@@ -89,5 +90,8 @@ def test_conversion_holds_no_second_copy_of_the_checkpoint(tmp_path):
     finally:
         done.set()
         watcher.join()
+    # A second copy would be the checkpoint's size or more. What a streaming conversion holds is a
+    # few 17 MB tensors at a time plus what the allocator keeps of them: up to 61 MB seen (a quarter of
+    # the size, the bound before, failed about one run in four).
     growth = max(peak) - start
-    assert growth < size_kb / 4, (growth, size_kb)
+    assert growth < size_kb / 2, (growth, size_kb)
