@@ -30,13 +30,20 @@ rule all:
     default_target: True
 
 
+# The fork server of a local run (rules/common.smk), stopped by both handlers below.
+onstart:
+    start_fork_server()
+
+
 # <results>/summary.csv after every run that ran jobs, also when some failed (--keep-going).
 # A failed row keeps the gallery rule from running, so the handler builds the gallery itself.
 onsuccess:
+    forkserver.stop()
     write_summary(RESULTS, ROWS.values())
     clean_store()
 
 
 onerror:
+    forkserver.stop()
     write_summary(RESULTS, ROWS.values())
     build_gallery(GALLERY, ROWS.values(), BatchInfo(**GALLERY_INFO))

@@ -12,6 +12,8 @@
 #   bash bench/gpu_session.sh rss        on one GPU: an expert job's host memory (load, compile, two
 #                                        forwards), with a cold and then a warm Inductor cache
 #   bash bench/gpu_session.sh one        on one GPU: the 720p 8-row pipeline (batch_rows 8), no reference
+#   bash bench/gpu_session.sh own        the same with fork_server: false (every model job imports its own)
+#   bash bench/gpu_session.sh ref        on one GPU: the reference loop alone
 #   bash bench/gpu_session.sh reference  on one GPU: the reference loop on the same rows, then the
 #                                        probes of RSS baseline, warm load and import hiding
 #   bash bench/gpu_session.sh final4     on four GPUs at once: card 0 the 720p 8-row pipeline (batch_rows
@@ -73,6 +75,13 @@ case "${1:-cards}" in
     ;;
   one)
     stamp "pipeline"; bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1
+    ;;
+  own)
+    stamp "pipeline, no fork server"; bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --no-fork-server \
+      --tag p720own > "$OUT/p720own.txt" 2>&1
+    ;;
+  ref)
+    stamp "reference"; bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
     ;;
   final4)
     CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &

@@ -12,6 +12,7 @@ sys.path.insert(0, workflow.basedir)
 from turbowan.artifacts import sweep  # noqa: E402
 from turbowan.batch import collect_garbage  # noqa: E402
 from turbowan.formats import CheckpointError  # noqa: E402
+from turbowan import forkserver  # noqa: E402
 from turbowan.modelfiles import plan_models  # noqa: E402
 from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows  # noqa: E402
 
@@ -46,6 +47,14 @@ def row_dir(name):
 
 def log_path(rule_name, key="{id}"):
     return f"{RESULTS}/logs/{rule_name}/{key}.log"
+
+
+def start_fork_server():
+    """A local run's model jobs run in workers of one process that imported torch, diffusers and
+    transformers once (turbowan.forkserver), unless config says fork_server: false. Cluster jobs
+    run on other hosts and import their own."""
+    if config["fork_server"] and workflow.local_exec:
+        forkserver.start(f"{RESULTS}/logs/fork_server.log")
 
 
 def benchmark_path(rule_name, key="{id}"):

@@ -1,8 +1,7 @@
 from turbowan.jobs import run_job
-from turbowan.stages import decode_latents
 
 run_job(
-    "decode", snakemake.log[0], decode_latents,
+    "decode", snakemake.log[0], "turbowan.stages:decode_latents",
     gpus=snakemake.resources.get("gpu", 0),
     rows=snakemake.params.rows,
     vae=snakemake.input.vae,

@@ -1,8 +1,7 @@
 from turbowan.jobs import run_job
-from turbowan.stages import encode_images
 
 run_job(
-    "encode_image", snakemake.log[0], encode_images,
+    "encode_image", snakemake.log[0], "turbowan.stages:encode_images",
     gpus=snakemake.resources.get("gpu", 0),
     rows=snakemake.params.rows,
     vae=snakemake.input.vae,

@@ -1,8 +1,7 @@
 from turbowan.jobs import run_job
-from turbowan.stages import encode_prompts
 
 run_job(
-    "encode_prompt", snakemake.log[0], encode_prompts,
+    "encode_prompt", snakemake.log[0], "turbowan.stages:encode_prompts",
     gpus=snakemake.resources.get("gpu", 0),
     rows=snakemake.params.rows,
     text_encoder=snakemake.input.text_encoder,

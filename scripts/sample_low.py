@@ -1,8 +1,7 @@
 from turbowan.jobs import run_job
-from turbowan.stages import sample_low_rows
 
 run_job(
-    "sample_low", snakemake.log[0], sample_low_rows,
+    "sample_low", snakemake.log[0], "turbowan.stages:sample_low_rows",
     gpus=snakemake.resources.get("gpu", 0),
     rows=snakemake.params.rows,
     expert=snakemake.input.expert,

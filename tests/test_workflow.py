@@ -1,8 +1,10 @@
 """End to end: Snakemake on a small sheet in a temporary folder, with the demo's tiny models."""
 
 import re
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from turbowan.video import probe
@@ -37,6 +39,38 @@ def test_every_row_gets_its_video(finished):
     assert boundary.stat().st_nlink == 2
     assert len(list((results / "prompts").iterdir())) == 2
     assert not list(results.rglob("*.partial"))
+    # every model job ran in a worker of the run's fork server, which Snakemake's end stopped
+    for rule in ("encode_image", "sample_high", "sample_low", "decode"):
+        assert ", a worker of the fork server (pid " in (results / "logs" / rule / "boat~face.log").read_text()
+    server_log = (results / "logs" / "fork_server.log").read_text()
+    assert server_log.count("runs in worker") == 5 and "refused" not in server_log
+    server_pid = int(re.search(r"serving \S+ \(pid (\d+)\)", server_log)[1])
+    assert not Path(f"/proc/{server_pid}").exists() or "zombie" in Path(f"/proc/{server_pid}/status").read_text()
+
+
+def test_model_jobs_that_import_their_own_make_the_same_artifacts(finished, tmp_path):
+    """fork_server: false, every model job in its own process: bit for bit what the workers made."""
+    from safetensors.torch import load_file
+
+    folder = make_workdir(tmp_path)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["fork_server"] = False
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(folder)
+    results = folder / "results"
+    assert not (results / "logs" / "fork_server.log").exists()
+    assert "(pid " in (log := (results / "logs" / "sample_high" / "boat~face.log").read_text())
+    assert "own imports: no fork server" in log
+    made = sorted(p.relative_to(results) for p in results.rglob("*.safetensors") if ".store" not in p.parts)
+    assert made == sorted(p.relative_to(finished / "results") for p in (finished / "results").rglob("*.safetensors")
+                          if ".store" not in p.parts)
+    assert len(made) == 8  # 2 text embeddings; cond, boundary and latent of each row
+    for name in made:
+        ours, theirs = load_file(results / name), load_file(finished / "results" / name)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype
+            assert torch.equal(ours[key].contiguous().view(torch.uint8), theirs[key].contiguous().view(torch.uint8)), (name, key)
 
 
 def test_second_run_does_nothing(batch):

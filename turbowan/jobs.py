@@ -3,6 +3,7 @@ peak memory."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -61,12 +62,14 @@ def injected_fault(name: str, key: str) -> None:
 
 
 def run_stage(
-    name: str, log_file: str | None, stage: Callable[..., Any], *, gpus: int = 0, **kwargs: Any
+    name: str, log_file: str | None, stage: Callable[..., Any], *, gpus: int = 0, process_note: str = "",
+    **kwargs: Any
 ) -> None:
     """Run one stage function with logging; a failure is logged with its traceback and re-raised.
 
     `gpus` is the rule's `resources.gpu`: a GPU job first takes a card of its own (turbowan.gpus),
-    before anything initialises CUDA. `kwargs` go to the stage.
+    before anything initialises CUDA. `process_note` says what the process is (a fork server's
+    worker, or why not). `kwargs` go to the stage.
     """
     _setup_logging(log_file)
     if gpus not in (0, 1):
@@ -77,8 +80,8 @@ def run_stage(
     except Exception:
         log.exception("%s could not get a GPU after %.1f s", name, time.perf_counter() - started)
         raise
-    log.info("%s on %s (pid %d); %s", name, socket.gethostname(), os.getpid(),
-             card.describe() if card else "gpu: not requested")
+    log.info("%s on %s (pid %d%s); %s", name, socket.gethostname(), os.getpid(),
+             f", {process_note}" if process_note else "", card.describe() if card else "gpu: not requested")
     # (a CPU stage's job, an mp4's, need not import torch: a second and a half of its start)
     log.info("%s", _gpu_line() if gpus or "torch" in sys.modules else "device: cpu")
     started = time.perf_counter()
@@ -120,14 +123,35 @@ def hide_unused_packages() -> list[str]:
     return hidden
 
 
-def run_job(name: str, log_file: str | None, stage: Callable[..., Any], **kwargs: Any) -> NoReturn:
-    """run_stage in a model job's own process: with hide_unused_packages, and ending at once
-    (os._exit) once its log is flushed: Python's orderly exit takes 2.9 s with a compiled expert on
-    an H100 (0.5 s this way), seconds that the next job waits for. The process's outputs are all
-    closed by then, and the kernel frees its memory, GPU memory and lock. A failure raises as in
-    run_stage (a normal exit)."""
-    hide_unused_packages()
-    run_stage(name, log_file, stage, **kwargs)
+def resolve_stage(stage: str) -> Callable[..., Any]:
+    """A stage function from its name, "module:function" (e.g. "turbowan.stages:decode_latents")."""
+    module, _, function = stage.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_job(name: str, log_file: str | None, stage: str | Callable[..., Any], **kwargs: Any) -> NoReturn:
+    """A model job: run_stage in a worker of the fork server (turbowan.forkserver), which has
+    imported torch and the model libraries already, when there is one and the stage is given by
+    name ("module:function"); else in this process, with hide_unused_packages.
+
+    Either way the job ends at once (os._exit) once its log is flushed: Python's orderly exit takes
+    2.9 s with a compiled expert on an H100 (0.5 s this way), seconds that the next job waits for.
+    The process's outputs are all closed by then, and the kernel frees its memory, GPU memory and
+    lock. A failure in this process raises as in run_stage (a normal exit); a worker's failure ends
+    the job with the worker's exit code."""
+    note = ""
+    if isinstance(stage, str):
+        from .forkserver import serve_job  # (it imports this module)
+
+        status, why_not = serve_job(name, log_file, stage, kwargs)
+        if status is not None:
+            os._exit(status)
+        note = f"own imports: {why_not}"
+        hide_unused_packages()
+        stage = resolve_stage(stage)
+    else:
+        hide_unused_packages()
+    run_stage(name, log_file, stage, process_note=note, **kwargs)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

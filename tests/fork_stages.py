@@ -1,0 +1,35 @@
+"""Stages for tests/test_forkserver.py, run by name ("tests.fork_stages:...") as the model stages are."""
+
+import json
+import os
+import signal
+import sys
+import time
+
+
+def report(out: str, message: str = "") -> None:
+    """Write what the process running the stage is and has, and print `message` to stdout."""
+    torch = sys.modules.get("torch")
+    facts = dict(pid=os.getpid(), ppid=os.getppid(), pgid=os.getpgid(0), cwd=os.getcwd(), argv=sys.argv,
+                 torch_threads=torch.get_num_threads() if torch else None,
+                 threads=os.environ.get("OMP_NUM_THREADS"), extra=os.environ.get("TURBOWAN_TEST_EXTRA"),
+                 imported_diffusers_first="diffusers" in sys.modules)
+    with open(out, "w") as f:
+        json.dump(facts, f)
+    print(message, flush=True)
+
+
+def fail(out: str) -> None:
+    report(out)
+    raise RuntimeError("this stage fails on purpose")
+
+
+def sleep(out: str) -> None:
+    report(out)
+    time.sleep(60)
+
+
+def die(out: str) -> None:
+    """End as a dead node or the OOM killer would end a job."""
+    report(out)
+    os.kill(os.getpid(), signal.SIGKILL)
