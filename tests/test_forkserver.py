@@ -80,6 +80,17 @@ def test_a_job_runs_in_a_worker_that_has_the_libraries_and_the_jobs_streams_cwd_
     assert f"runs in worker {seen['pid']}" in server["log"].read_text()
 
 
+@pytest.mark.gpu
+def test_a_worker_can_start_cuda(server, tmp_path):
+    """diffusers' import asks torch.cuda.is_available(), which by the CUDA driver would forbid CUDA
+    in every forked child; the server has torch ask NVML instead."""
+    rc, out, err = job(server["env"], tmp_path, "tests.fork_stages:use_cuda")
+    assert rc == 0, err
+    assert facts(tmp_path)["ppid"] == server["pid"]
+    assert "cuda sum 8" in out
+    assert "could not start CUDA" not in server["log"].read_text()
+
+
 def test_a_failing_stage_fails_the_job_with_its_traceback(server, tmp_path):
     rc, _, err = job(server["env"], tmp_path, "tests.fork_stages:fail")
     assert rc == 1

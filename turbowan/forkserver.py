@@ -177,6 +177,30 @@ def os_threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def thread_names() -> list[str]:
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
+        except OSError:
+            pass
+    return names
+
+
+def cuda_after_fork() -> str:
+    """"" if a forked child can still start CUDA, else why not. torch forbids it in a child once
+    the parent asked the driver for its devices (diffusers' import calls torch.cuda.is_available());
+    main() has torch ask NVML instead, which leaves no such mark. This forks a child to see."""
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch._C, "_cuda_isInBadFork"):
+        return ""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if torch._C._cuda_isInBadFork() else 0)
+    _, status = os.waitpid(pid, 0)
+    return "" if os.waitstatus_to_exitcode(status) == 0 else "a forked child could not start CUDA"
+
+
 def _refusal(request: dict, code: str, env: dict[str, str], threads: int) -> str:
     """Why this server must not run the request ("" if it may). `threads`: os_threads() once it
     had imported (`import torch` starts one, which may have ended since)."""
@@ -294,7 +318,7 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
 
 
 def _serve_one(conn: socket.socket, listener: socket.socket, workers: dict[int, socket.socket],
-               code: str, env: dict[str, str], threads: int) -> None:
+               code: str, env: dict[str, str], threads: int, broken: str) -> None:
     """Read one job's request and fork its worker, or tell the job why not."""
     try:
         conn.settimeout(REQUEST_TIMEOUT_S)
@@ -303,7 +327,7 @@ def _serve_one(conn: socket.socket, listener: socket.socket, workers: dict[int, 
         log.warning("a job's request could not be read: %s", err)
         conn.close()
         return
-    why_not = _refusal(request, code, env, threads)
+    why_not = broken or _refusal(request, code, env, threads)
     if why_not:
         log.info("refused %s: %s", request.get("name"), why_not)
         for fd in fds:
@@ -352,7 +376,10 @@ def _reap(workers: dict[int, socket.socket]) -> None:
 def serve(path: str, parent: int) -> None:
     """The server: listen on `path`, import, then fork a worker per job until its `parent` (the
     Snakemake process that started it) has gone or it is sent SIGTERM."""
-    env = dict(os.environ)  # (as the jobs have it: Inductor's import adds TORCHINDUCTOR_CACHE_DIR)
+    env = dict(os.environ)  # as the jobs have it (Inductor's import adds TORCHINDUCTOR_CACHE_DIR)
+    # torch.cuda.is_available() by NVML: asking the CUDA driver would forbid CUDA in every worker
+    # (cuda_after_fork). A worker takes the job's environment, without this.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # (jobs may connect while it imports: they wait in the backlog)
     listener.listen(64)
@@ -361,6 +388,9 @@ def serve(path: str, parent: int) -> None:
     log.info("imported %s in %.1f s; serving %s (pid %d)", ", ".join(imported), time.perf_counter() - started,
              path, os.getpid())
     code, threads = code_fingerprint(), os_threads()
+    broken = cuda_after_fork()
+    log.info("threads after import: %s%s", ", ".join(thread_names()),
+             f"; {broken}: every job imports its own" if broken else "")
     workers: dict[int, socket.socket] = {}
     try:
         while os.getppid() == parent:
@@ -368,7 +398,7 @@ def serve(path: str, parent: int) -> None:
             _reap(workers)
             if ready:
                 conn, _ = listener.accept()
-                _serve_one(conn, listener, workers, code, env, threads)
+                _serve_one(conn, listener, workers, code, env, threads, broken)
     finally:
         listener.close()
     log.info("Snakemake has ended; so does the fork server")
