@@ -19,6 +19,19 @@ def report(out: str, message: str = "") -> None:
     print(message, flush=True)
 
 
+def hold_memory(out: str) -> None:
+    """Leave with 2 GB to give back: the kernel takes a while to tear such a process down."""
+    report(out)
+    hold_memory.block = bytearray(2 << 30)
+    for i in range(0, len(hold_memory.block), 4096):
+        hold_memory.block[i] = 1
+
+
+def nap(out: str, seconds: float) -> None:
+    report(out)
+    time.sleep(seconds)
+
+
 def fail(out: str) -> None:
     report(out)
     raise RuntimeError("this stage fails on purpose")

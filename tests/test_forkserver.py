@@ -91,6 +91,32 @@ def test_a_worker_can_start_cuda(server, tmp_path):
     assert "could not start CUDA" not in server["log"].read_text()
 
 
+def test_a_job_ends_only_once_its_worker_has_ended(server, tmp_path):
+    """As a job's own process: the next job must find the card's memory and lock free."""
+    rc, _, err = job(server["env"], tmp_path, "tests.fork_stages:hold_memory")
+    assert rc == 0, err
+    worker = facts(tmp_path)["pid"]
+    assert facts(tmp_path)["ppid"] == server["pid"]
+    assert not alive(worker) and not Path(f"/proc/{worker}").exists()  # gone and reaped, no waiting
+
+
+def test_a_job_whose_server_is_stopped_midway_gets_its_workers_status(tmp_path):
+    env = dict(os.environ)
+    path = forkserver.start(tmp_path / "server.log")
+    env[forkserver.SOCKET_ENV] = path
+    server_pid = int(Path(path).with_name("pid").read_text())
+    try:
+        proc = job(env, tmp_path, "tests.fork_stages:nap", wait=False, seconds=2)
+        assert wait_for(lambda: (tmp_path / "facts.json").exists())
+        assert facts(tmp_path)["ppid"] == server_pid
+        os.kill(server_pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "sample_high done in" in (tmp_path / "job.log").read_text()
+    finally:
+        forkserver.stop()
+
+
 def test_a_failing_stage_fails_the_job_with_its_traceback(server, tmp_path):
     rc, _, err = job(server["env"], tmp_path, "tests.fork_stages:fail")
     assert rc == 1

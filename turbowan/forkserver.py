@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -70,7 +71,7 @@ CONNECT_TIMEOUT_S = 5.0
 # How long a job waits for the server's answer: it may still be importing (5-10 s on a GPU host).
 ANSWER_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 10.0  # how long the server waits for a connected job's request
-POLL_S = 0.2  # the server reaps finished workers and checks its parent this often
+POLL_S = 0.5  # the server checks that its parent is there this often
 
 
 # --- the job's side -------------------------------------------------------------------------------
@@ -141,15 +142,20 @@ def serve_job(name: str, log_file: str | None, stage: str, kwargs: dict[str, Any
         conn.close()
         return None, f"fork server refused: {(answer or {}).get('refused', 'no answer')}"
     conn.settimeout(None)  # the stage takes as long as it takes
-    # The worker reports its own status as it ends; the server reports it (or the signal that
-    # killed the worker) once it has reaped it. The first one to arrive counts.
-    ended = _read(replies)
+    # The job ends once the server has reaped its worker: by then the worker's GPU memory and card
+    # lock are free for the next job, as when a job's own process has ended. The worker says its
+    # status as it exits too, which counts only if the server is gone (stopped mid-job).
+    said = None
+    while (message := _read(replies)) is not None and "status" not in message:
+        said = message.get("ending", said)
     conn.close()
-    if ended is None:
-        print(f"{name}: the fork server's worker (pid {answer['pid']}) ended without a status: the server "
-              "was stopped while it ran; the stage's result is unknown", file=sys.stderr)
-        return 1, ""
-    return _exit_code(ended["status"]), ""
+    if message is not None:
+        return _exit_code(message["status"]), ""
+    if said is not None:
+        return said, ""
+    print(f"{name}: the fork server's worker (pid {answer['pid']}) ended without a status: the server "
+          "was stopped while it ran; the stage's result is unknown", file=sys.stderr)
+    return 1, ""
 
 
 # --- the server's side ----------------------------------------------------------------------------
@@ -311,14 +317,27 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
             except Exception:
                 pass
         try:
-            _send(conn, {"status": status})
+            _send(conn, {"ending": status})
         except OSError:
             pass
         os._exit(status)
 
 
-def _serve_one(conn: socket.socket, listener: socket.socket, workers: dict[int, socket.socket],
-               code: str, env: dict[str, str], threads: int, broken: str) -> None:
+@dataclass
+class _Server:
+    """What the server's loop keeps: its socket, the pipe a worker's end (SIGCHLD) wakes it by,
+    the connection of each running worker's job, and what it checks requests against."""
+
+    listener: socket.socket
+    wakeup: tuple[int, int]  # (read end, write end)
+    code: str  # code_fingerprint()
+    env: dict[str, str]  # the environment jobs have
+    threads: int  # os_threads() after the imports
+    broken: str  # cuda_after_fork()
+    workers: dict[int, socket.socket] = field(default_factory=dict)
+
+
+def _serve_one(server: _Server, conn: socket.socket) -> None:
     """Read one job's request and fork its worker, or tell the job why not."""
     try:
         conn.settimeout(REQUEST_TIMEOUT_S)
@@ -327,7 +346,7 @@ def _serve_one(conn: socket.socket, listener: socket.socket, workers: dict[int, 
         log.warning("a job's request could not be read: %s", err)
         conn.close()
         return
-    why_not = broken or _refusal(request, code, env, threads)
+    why_not = server.broken or _refusal(request, server.code, server.env, server.threads)
     if why_not:
         log.info("refused %s: %s", request.get("name"), why_not)
         for fd in fds:
@@ -339,23 +358,27 @@ def _serve_one(conn: socket.socket, listener: socket.socket, workers: dict[int, 
         conn.close()
         return
     pid = os.fork()
-    if pid == 0:
-        listener.close()
-        for other in workers.values():
+    if pid == 0:  # the worker: nothing of the server's but the imports
+        signal.set_wakeup_fd(-1)
+        server.listener.close()
+        for fd in server.wakeup:
+            os.close(fd)
+        for other in server.workers.values():
             other.close()
         _work(conn, fds, request)
     for fd in fds:
         os.close(fd)
     log.info("%s (%s) runs in worker %d", request["name"], request.get("log_file"), pid)
-    workers[pid] = conn
+    server.workers[pid] = conn
     try:
         _send(conn, {"pid": pid})
     except OSError:
         pass  # the job has gone already: its worker sees that and ends
 
 
-def _reap(workers: dict[int, socket.socket]) -> None:
-    while workers:
+def _reap(server: _Server) -> None:
+    """Tell the jobs of the workers that have ended (and been reaped) how they ended."""
+    while server.workers:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
@@ -364,7 +387,7 @@ def _reap(workers: dict[int, socket.socket]) -> None:
             return
         code = os.waitstatus_to_exitcode(status)
         log.info("worker %d ended: %s", pid, f"exit {code}" if code >= 0 else f"signal {-code}")
-        conn = workers.pop(pid, None)
+        conn = server.workers.pop(pid, None)
         if conn is not None:
             try:
                 _send(conn, {"status": code})
@@ -387,18 +410,28 @@ def serve(path: str, parent: int) -> None:
     imported = preload()
     log.info("imported %s in %.1f s; serving %s (pid %d)", ", ".join(imported), time.perf_counter() - started,
              path, os.getpid())
-    code, threads = code_fingerprint(), os_threads()
-    broken = cuda_after_fork()
+    wakeup = os.pipe()
+    for fd in wakeup:
+        os.set_blocking(fd, False)
+    server = _Server(listener, wakeup, code_fingerprint(), env, os_threads(), cuda_after_fork())
     log.info("threads after import: %s%s", ", ".join(thread_names()),
-             f"; {broken}: every job imports its own" if broken else "")
-    workers: dict[int, socket.socket] = {}
+             f"; {server.broken}: every job imports its own" if server.broken else "")
+    signal.set_wakeup_fd(wakeup[1])
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # (a worker's end wakes the select at once)
     try:
         while os.getppid() == parent:
-            ready, _, _ = select.select([listener], [], [], POLL_S)
-            _reap(workers)
-            if ready:
+            ready, _, _ = select.select([listener, wakeup[0]], [], [], POLL_S)
+            if wakeup[0] in ready:
+                while True:
+                    try:
+                        if not os.read(wakeup[0], 4096):
+                            break
+                    except BlockingIOError:
+                        break
+            _reap(server)
+            if listener in ready:
                 conn, _ = listener.accept()
-                _serve_one(conn, listener, workers, code, env, threads, broken)
+                _serve_one(server, conn)
     finally:
         listener.close()
     log.info("Snakemake has ended; so does the fork server")
