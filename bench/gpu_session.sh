@@ -9,6 +9,8 @@
 #                                        reference runs on card 1, then the load probe on card 1
 #   bash bench/gpu_session.sh warm       on one GPU: set up, write the models, compile an expert once
 #                                        (Inductor's cache), so that the next two calls run warm
+#   bash bench/gpu_session.sh cold       on one GPU (no turbodiffusion build): an expert's load from
+#                                        disk (its file's pages dropped from the page cache), then warm
 #   bash bench/gpu_session.sh rss        on one GPU: an expert job's host memory (load, compile, two
 #                                        forwards), with a cold and then a warm Inductor cache
 #   bash bench/gpu_session.sh one        on one GPU: the 720p 8-row pipeline (batch_rows 8), no reference
@@ -34,7 +36,7 @@ export PYTHONUNBUFFERED=1
 unset PYTHONDONTWRITEBYTECODE  # job processes keep compiled bytecode, as on a normal install
 date; source bench/gpu_setup.sh > "$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 1; }
 nvidia-smi -L
-if ! python3 -c "import turbodiffusion" 2>/dev/null; then
+if [ "${1:-}" != cold ] && ! python3 -c "import turbodiffusion" 2>/dev/null; then
   python3 -m pip install -q --no-build-isolation --no-deps --no-index --target /tmp/site \
     .whl/turbodiffusion-*.tar.gz > "$OUT/turbo.log" 2>&1 &
   BUILD=$!
@@ -69,6 +71,9 @@ case "${1:-cards}" in
   reference)
     stamp "reference"; bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
     stamp "probe"; timeout 200 python3 bench/probe_gpu.py --models $W/models --only baseline,load,hiding > "$OUT/probe.txt" 2>&1
+    ;;
+  cold)
+    stamp "cold load"; timeout 150 python3 bench/probe_gpu.py --models $W/models --only cold-load > "$OUT/probe.txt" 2>&1
     ;;
   rss)
     stamp "expert rss"; timeout 240 python3 bench/probe_gpu.py --models $W/models --only expert-rss > "$OUT/probe.txt" 2>&1

@@ -236,6 +236,53 @@ def probe_load(models: Path) -> None:
         print(f"load ({variant}): {' | '.join(lines) or proc.stderr[-800:]}", flush=True)
 
 
+def resident_fraction(path: Path) -> float:
+    """The part of a file's pages in the page cache (mincore over a private mapping, which reads
+    nothing)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        vec = (ctypes.c_ubyte * pages)()
+        start = ctypes.c_char.from_buffer(mapped)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore")
+        del start  # (the mapping closes only once nothing points into it)
+    return sum(b & 1 for b in vec) / pages
+
+
+def probe_cold_load(models: Path) -> None:
+    """An expert's load with its file out of the page cache (as after a reboot: written back, then
+    its clean pages dropped with POSIX_FADV_DONTNEED), then warm; diffusers imported beforehand so
+    the load is timed alone."""
+    path = (models / "high.safetensors").resolve()
+    for variant in ("cold", "warm"):
+        if variant == "cold":
+            os.sync()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        before = resident_fraction(path)
+        code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
+                f"sys.path.insert(0, {str(REPO)!r})\n"
+                "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
+                "import turbowan.models as m\n"
+                "import diffusers.models.transformers.transformer_wan\n"
+                "torch.cuda.init(); t = time.perf_counter()\n"
+                f"m.load_transformer({str(path)!r}, torch.device('cuda'), compile=True)\n"
+                "print(f'LOAD {time.perf_counter() - t:.2f} s')\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        lines = [line.split(": ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines()
+                 if "LOAD" in line or "side by side" in line]
+        print(f"load ({variant}; {before:.0%} of the file in the page cache before): "
+              f"{' | '.join(lines) or proc.stderr[-800:]}", flush=True)
+
+
 def exit_child(path: str, video: dict, how: str) -> None:
     from turbowan.models import load_transformer
 
@@ -348,6 +395,8 @@ def main() -> None:
         probe_vae(str(args.models / "vae.safetensors"), video)
     if "load" in wanted:
         probe_load(args.models)
+    if "cold-load" in wanted:
+        probe_cold_load(args.models)
     if "exit" in wanted:
         probe_exit(args.models, ["--resolution", args.resolution, "--frames", str(args.frames)])
     if "expert-rss" in wanted:

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,3 +224,30 @@ def test_stop_ends_the_server_and_removes_its_socket(tmp_path, monkeypatch):
     assert forkserver.SOCKET_ENV not in os.environ
     assert not Path(path).parent.exists()
     assert wait_for(lambda: not alive(pid), timeout=10)
+
+
+def test_a_job_that_stopped_waiting_gets_no_worker(caplog):
+    """A job that gave up waiting (ANSWER_TIMEOUT_S) runs the stage itself: a late worker would
+    write the same log and outputs."""
+    env = {"HOME": "/home/me"}
+    job_side, server_side = socket.socketpair()
+    request = dict(name="sample_high", code="A", executable=sys.executable, env=env, kwargs={})
+    payload = json.dumps(request).encode()
+    socket.send_fds(job_side, [b"J"], [0, 1, 2])
+    job_side.sendall(len(payload).to_bytes(8, "big") + payload)
+    job_side.close()
+    server_side.settimeout(forkserver.REQUEST_TIMEOUT_S)  # (as the server's connections have it)
+    server = forkserver._Server(listener=socket.socket(socket.AF_UNIX), wakeup=(-1, -1), code="A", env=env,
+                                threads=forkserver.os_threads(), broken="")
+    with caplog.at_level("INFO", logger="turbowan.forkserver"):
+        forkserver._serve_one(server, server_side)
+    assert server.workers == {}
+    assert "refused sample_high: the job had stopped waiting" in caplog.text
+    server.listener.close()
+    waiting, server_side = socket.socketpair()
+    server_side.settimeout(forkserver.REQUEST_TIMEOUT_S)
+    started = time.monotonic()
+    assert not forkserver._job_is_gone(server_side)  # one still waiting, told at once
+    assert time.monotonic() - started < 1
+    waiting.close()
+    assert forkserver._job_is_gone(server_side)

@@ -39,7 +39,10 @@ def test_concurrent_gpu_jobs_use_different_cards_and_params_trigger_reruns(tmp_p
     )
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     # Two rows (prompts) a job: two groups per GPU stage, which can run at once on the two cards.
-    config.update(sheet=str(sheet), results=str(tmp_path / "results"), models=dict(demo_models), batch_rows=2)
+    # Jobs that import their own libraries (2-3 s here) last long enough to run at once; a fork
+    # server's workers on these tiny models are done before the other card's job starts.
+    config.update(sheet=str(sheet), results=str(tmp_path / "results"), models=dict(demo_models), batch_rows=2,
+                  fork_server=False)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {"TURBOWAN_GPUS": ",".join(CARDS), "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
 

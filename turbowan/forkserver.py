@@ -196,7 +196,7 @@ def thread_names() -> list[str]:
 def cuda_after_fork() -> str:
     """"" if a forked child can still start CUDA, else why not. torch forbids it in a child once
     the parent asked the driver for its devices (diffusers' import calls torch.cuda.is_available());
-    main() has torch ask NVML instead, which leaves no such mark. This forks a child to see."""
+    serve() has torch ask NVML instead, which leaves no such mark. This forks a child to see."""
     torch = sys.modules.get("torch")
     if torch is None or not hasattr(torch._C, "_cuda_isInBadFork"):
         return ""
@@ -254,6 +254,18 @@ def _receive_exactly(conn: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
+
+
+def _job_is_gone(conn: socket.socket) -> bool:
+    """Whether the job's process has closed its end (it stopped waiting for the server, or died).
+    A job sends nothing after its request, so its end is readable only once it has closed."""
+    readable, _, _ = select.select([conn], [], [], 0)  # (no wait: recv would wait out the timeout)
+    if not readable:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _end_with_the_job(conn: socket.socket, ending: threading.Event) -> None:
@@ -347,6 +359,8 @@ def _serve_one(server: _Server, conn: socket.socket) -> None:
         conn.close()
         return
     why_not = server.broken or _refusal(request, server.code, server.env, server.threads)
+    if not why_not and _job_is_gone(conn):  # (it gave up waiting and runs the stage itself)
+        why_not = "the job had stopped waiting"
     if why_not:
         log.info("refused %s: %s", request.get("name"), why_not)
         for fd in fds:
@@ -466,8 +480,13 @@ def stop() -> None:
         return
     folder = os.path.dirname(path)
     try:
-        os.kill(int(Path(folder, "pid").read_text()), signal.SIGTERM)
-    except (OSError, ValueError):
+        pid = int(Path(folder, "pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):  # reap it (it is this process's child) rather than leave a zombie
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+            time.sleep(0.1)
+    except (OSError, ValueError):  # (gone already, or not this process's child)
         pass
     shutil.rmtree(folder, ignore_errors=True)
 
