@@ -14,8 +14,9 @@ def report(out: str, message: str = "") -> None:
                  torch_threads=torch.get_num_threads() if torch else None,
                  threads=os.environ.get("OMP_NUM_THREADS"), extra=os.environ.get("TURBOWAN_TEST_EXTRA"),
                  imported_diffusers_first="diffusers" in sys.modules)
-    with open(out, "w") as f:
+    with open(out + ".partial", "w") as f:  # (whole or not at all: tests wait for the file to appear)
         json.dump(facts, f)
+    os.replace(out + ".partial", out)
     print(message, flush=True)
 
 

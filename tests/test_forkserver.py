@@ -101,7 +101,8 @@ def test_a_job_ends_only_once_its_worker_has_ended(server, tmp_path):
     assert not alive(worker) and not Path(f"/proc/{worker}").exists()  # gone and reaped, no waiting
 
 
-def test_a_job_whose_server_is_stopped_midway_gets_its_workers_status(tmp_path):
+def test_a_job_whose_server_is_stopped_midway_gets_its_workers_status(tmp_path, monkeypatch):
+    monkeypatch.delenv(forkserver.SOCKET_ENV, raising=False)  # (the module's server's, back afterwards)
     env = dict(os.environ)
     path = forkserver.start(tmp_path / "server.log")
     env[forkserver.SOCKET_ENV] = path

@@ -179,13 +179,17 @@ def preload() -> list[str]:
 
 
 def os_threads() -> int:
-    """Threads of this process, Python's and native ones (OpenMP's, CUDA's)."""
-    return len(os.listdir("/proc/self/task"))
+    """Threads of this process, Python's and native ones (OpenMP's, CUDA's); Python's alone where
+    there is no /proc (not Linux)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except FileNotFoundError:
+        return threading.active_count()
 
 
 def thread_names() -> list[str]:
     names = []
-    for task in os.listdir("/proc/self/task"):
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
         try:
             names.append(Path(f"/proc/self/task/{task}/comm").read_text().strip())
         except OSError:

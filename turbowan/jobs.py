@@ -147,10 +147,9 @@ def run_job(name: str, log_file: str | None, stage: str | Callable[..., Any], **
         if status is not None:
             os._exit(status)
         note = f"own imports: {why_not}"
-        hide_unused_packages()
+    hide_unused_packages()
+    if isinstance(stage, str):
         stage = resolve_stage(stage)
-    else:
-        hide_unused_packages()
     run_stage(name, log_file, stage, process_note=note, **kwargs)
     logging.shutdown()
     sys.stdout.flush()
