@@ -1,6 +1,5 @@
 """Which of the fork server's imports leave torch unable to use CUDA in a forked child (torch's
 'bad fork'), with and without PYTORCH_NVML_BASED_CUDA_CHECK. Run on a GPU machine."""
-import importlib
 import os
 import sys
 
@@ -30,18 +29,8 @@ def child_state() -> str:
 import torch  # noqa: E402
 
 print("after import torch:", child_state(), "initialized", torch.cuda.is_initialized(), flush=True)
-from turbowan.forkserver import OPTIONAL_PRELOAD, PRELOAD, os_threads  # noqa: E402
-from turbowan.jobs import hide_unused_packages  # noqa: E402
+from turbowan.forkserver import import_each, os_threads  # noqa: E402
 
-hide_unused_packages()
-for spec in PRELOAD + OPTIONAL_PRELOAD:
-    module, _, attribute = spec.partition(":")
-    try:
-        m = importlib.import_module(module)
-        if attribute:
-            getattr(m, attribute)
-    except ImportError as err:
-        print(spec, "not importable", err)
-        continue
+for spec in import_each():
     print(f"after {spec}:", child_state(), "threads", os_threads(), "initialized", torch.cuda.is_initialized(), flush=True)
 print("is_available:", torch.cuda.is_available(), child_state())

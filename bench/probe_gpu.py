@@ -216,24 +216,31 @@ def probe_exit(models: Path, video_args: list[str]) -> None:
               flush=True)
 
 
+def timed_load(path: Path, variant: str) -> str:
+    """An expert's load in a fresh process, as a job does it (the unused packages hidden, diffusers
+    imported while the weights stream); variant "switch 0.005" with Python's default GIL switch
+    interval instead of turbowan.models', "imported first" with diffusers imported beforehand (the
+    load alone). Returns the load's log lines and its time."""
+    code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
+            "import turbowan.models as m\n"
+            f"if {variant!r} == 'switch 0.005': m.STREAM_SWITCH_INTERVAL_S = 0.005\n"
+            f"if {variant!r} == 'imported first': import diffusers.models.transformers.transformer_wan\n"
+            "torch.cuda.init(); t = time.perf_counter()\n"
+            f"m.load_transformer({str(path)!r}, torch.device('cuda'), compile=True)\n"
+            "print(f'LOAD {time.perf_counter() - t:.2f} s')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [line.split(": ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines()
+             if "LOAD" in line or "side by side" in line or "loaded expert" in line]
+    return " | ".join(lines) or proc.stderr[-800:]
+
+
 def probe_load(models: Path) -> None:
-    """An expert's warm load (page cache) in fresh processes, as a job does it (the unused packages
-    hidden, diffusers imported while the weights stream), with Python's default GIL switch interval
-    instead of turbowan.models', and with diffusers imported beforehand: the load alone."""
+    """An expert's warm load (page cache): as a job does it, with Python's default GIL switch
+    interval, and with diffusers imported beforehand (timed_load)."""
     for variant in ("job", "switch 0.005", "imported first"):
-        code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
-                f"sys.path.insert(0, {str(REPO)!r})\n"
-                "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
-                "import turbowan.models as m\n"
-                f"if {variant!r} == 'switch 0.005': m.STREAM_SWITCH_INTERVAL_S = 0.005\n"
-                f"if {variant!r} == 'imported first': import diffusers.models.transformers.transformer_wan\n"
-                "torch.cuda.init(); t = time.perf_counter()\n"
-                f"m.load_transformer({str(models / 'high.safetensors')!r}, torch.device('cuda'), compile=True)\n"
-                "print(f'LOAD {time.perf_counter() - t:.2f} s')\n")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        lines = [line.split(": ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines()
-                 if "LOAD" in line or "side by side" in line or "loaded expert" in line]
-        print(f"load ({variant}): {' | '.join(lines) or proc.stderr[-800:]}", flush=True)
+        print(f"load ({variant}): {timed_load(models / 'high.safetensors', variant)}", flush=True)
 
 
 def resident_fraction(path: Path) -> float:
@@ -268,19 +275,8 @@ def probe_cold_load(models: Path) -> None:
             finally:
                 os.close(fd)
         before = resident_fraction(path)
-        code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
-                f"sys.path.insert(0, {str(REPO)!r})\n"
-                "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
-                "import turbowan.models as m\n"
-                "import diffusers.models.transformers.transformer_wan\n"
-                "torch.cuda.init(); t = time.perf_counter()\n"
-                f"m.load_transformer({str(path)!r}, torch.device('cuda'), compile=True)\n"
-                "print(f'LOAD {time.perf_counter() - t:.2f} s')\n")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        lines = [line.split(": ", 1)[-1] for line in (proc.stdout + proc.stderr).splitlines()
-                 if "LOAD" in line or "side by side" in line]
         print(f"load ({variant}; {before:.0%} of the file in the page cache before): "
-              f"{' | '.join(lines) or proc.stderr[-800:]}", flush=True)
+              f"{timed_load(path, 'imported first')}", flush=True)
 
 
 def exit_child(path: str, video: dict, how: str) -> None:

@@ -33,6 +33,14 @@ def demo_models(tmp_path_factory):
     return paths
 
 
+def alive(pid: int) -> bool:
+    """A process that runs (not gone, not a zombie its parent has yet to reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def write_image(path: Path, width: int, height: int, seed: int = 0, mode: str = "RGB") -> Path:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4}[mode]

@@ -15,15 +15,7 @@ import pytest
 
 from turbowan import forkserver
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def alive(pid: int) -> bool:
-    """A process that runs (not gone, not a zombie its parent has yet to reap)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+from .conftest import REPO, alive
 
 
 def wait_for(condition, timeout: float = 30.0) -> bool:

@@ -1,7 +1,6 @@
 """End to end: Snakemake on a small sheet in a temporary folder, with the demo's tiny models."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import yaml
 
 from turbowan.video import probe
 
-from .conftest import SHEET, make_workdir, file_ids, snakemake
+from .conftest import SHEET, alive, make_workdir, file_ids, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,7 @@ def test_every_row_gets_its_video(finished):
     server_log = (results / "logs" / "fork_server.log").read_text()
     assert server_log.count("runs in worker") == 5 and "refused" not in server_log
     server_pid = int(re.search(r"serving \S+ \(pid (\d+)\)", server_log)[1])
-    assert not Path(f"/proc/{server_pid}").exists() or "zombie" in Path(f"/proc/{server_pid}/status").read_text()
+    assert not alive(server_pid)
 
 
 def test_model_jobs_that_import_their_own_make_the_same_artifacts(finished, tmp_path):

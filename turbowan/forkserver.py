@@ -36,9 +36,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
-from .jobs import hide_unused_packages, resolve_stage, run_stage
+from .jobs import flush_job_output, hide_unused_packages, resolve_stage, run_stage
 
 log = logging.getLogger("turbowan.forkserver")
 
@@ -160,10 +160,10 @@ def serve_job(name: str, log_file: str | None, stage: str, kwargs: dict[str, Any
 
 # --- the server's side ----------------------------------------------------------------------------
 
-def preload() -> list[str]:
-    """Import what the model stages import; returns what was imported."""
+def import_each() -> Iterator[str]:
+    """Import what the model stages import, one PRELOAD or OPTIONAL_PRELOAD entry at a time, and
+    yield each once imported (an optional one that is not installed is skipped)."""
     hide_unused_packages()
-    done = []
     for spec in PRELOAD + OPTIONAL_PRELOAD:
         module, _, attribute = spec.partition(":")
         try:
@@ -174,8 +174,7 @@ def preload() -> list[str]:
             if spec in PRELOAD:
                 raise
             continue
-        done.append(spec)
-    return done
+        yield spec
 
 
 def os_threads() -> int:
@@ -241,23 +240,16 @@ def _receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     try:
         if len(fds) != 3:
             raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
-        size = int.from_bytes(_receive_exactly(conn, 8), "big")
-        return json.loads(_receive_exactly(conn, size)), fds
+        with conn.makefile("rb") as reader:  # (read(n) waits for all n bytes, or the end)
+            size = int.from_bytes(reader.read(8), "big")
+            payload = reader.read(size)
+        if len(payload) != size:
+            raise ValueError("the job closed the connection mid-request")
+        return json.loads(payload), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-
-
-def _receive_exactly(conn: socket.socket, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = conn.recv(min(size, 1 << 20))
-        if not chunk:
-            raise ValueError("the job closed the connection mid-request")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
 
 
 def _job_is_gone(conn: socket.socket) -> bool:
@@ -326,12 +318,7 @@ def _work(conn: socket.socket, fds: list[int], request: dict) -> None:
         traceback.print_exc()
     finally:
         ending.set()
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        flush_job_output()
         try:
             _send(conn, {"ending": status})
         except OSError:
@@ -425,7 +412,7 @@ def serve(path: str, parent: int) -> None:
     listener.bind(path)  # (jobs may connect while it imports: they wait in the backlog)
     listener.listen(64)
     started = time.perf_counter()
-    imported = preload()
+    imported = list(import_each())
     log.info("imported %s in %.1f s; serving %s (pid %d)", ", ".join(imported), time.perf_counter() - started,
              path, os.getpid())
     wakeup = os.pipe()
@@ -440,12 +427,7 @@ def serve(path: str, parent: int) -> None:
         while os.getppid() == parent:
             ready, _, _ = select.select([listener, wakeup[0]], [], [], POLL_S)
             if wakeup[0] in ready:
-                while True:
-                    try:
-                        if not os.read(wakeup[0], 4096):
-                            break
-                    except BlockingIOError:
-                        break
+                os.read(wakeup[0], 4096)  # (a byte per signal; _reap takes every ended worker)
             _reap(server)
             if listener in ready:
                 conn, _ = listener.accept()

@@ -151,7 +151,15 @@ def run_job(name: str, log_file: str | None, stage: str | Callable[..., Any], **
     if isinstance(stage, str):
         stage = resolve_stage(stage)
     run_stage(name, log_file, stage, process_note=note, **kwargs)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_job_output()
     os._exit(0)
+
+
+def flush_job_output() -> None:
+    """Write out the job's log and streams: what os._exit, which ends a job, would drop."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # (a stream closed or gone)
+            pass
