@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from turbowan.sizes import PRESETS  # noqa: E402
+from turbowan.wan.sizes import PRESETS  # noqa: E402
 
 # Full-size configurations (REFERENCE.md sections 3 and 4).
 A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
@@ -64,8 +64,8 @@ def write_int8_expert(bf16: Path, out: Path) -> None:
     """The bf16 expert in TurboDiffusion's int8 format, quantised on the GPU one tensor at a time."""
     from safetensors.torch import save_file
 
-    from turbowan.int8 import quantize_expert
-    from turbowan.safetensors_io import SafetensorsFile
+    from turbowan.wan.int8 import quantize_expert
+    from turbowan.files.safetensors_io import SafetensorsFile
 
     started = time.perf_counter()
     tensors = {}
@@ -83,7 +83,7 @@ def make_models(folder: Path, int8: bool = False) -> dict[str, str]:
     from transformers import UMT5Config, UMT5EncoderModel
 
     from turbowan.demo import make_tokenizer
-    from turbowan.keymaps import dit_key_to_official, t5_key_to_official, vae_key_to_official
+    from turbowan.wan.keymaps import dit_key_to_official, t5_key_to_official, vae_key_to_official
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"high": folder / "high.safetensors", "low": folder / "low.safetensors",
@@ -278,16 +278,16 @@ def process_age_s() -> float:
 def run_reference(rows, models, out: Path, attention: str, settings: dict) -> float:
     """All rows in one process: umT5 once, VAE once, both experts loaded once, no artifacts. Its
     timer starts after the process has imported torch, diffusers and transformers."""
-    from turbowan.image import open_rgb, preprocess
-    from turbowan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
-    from turbowan.sampler import dit_velocity, sample_single_process
-    from turbowan.sizes import latent_shape
-    from turbowan.text import encode_text
-    from turbowan.vae import decode_frames, encode_condition
-    from turbowan.video import save_frames, load_frames, write_mp4
+    from turbowan.wan.image import open_rgb, preprocess
+    from turbowan.wan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
+    from turbowan.wan.sampler import dit_velocity, sample_single_process
+    from turbowan.wan.sizes import latent_shape
+    from turbowan.wan.text import encode_text
+    from turbowan.wan.vae import decode_frames, encode_condition
+    from turbowan.files.video import save_frames, load_frames, write_mp4
 
-    from turbowan.compiled import compile_wanted
-    from turbowan.devices import resolve_device
+    from turbowan.wan.compiled import compile_wanted
+    from turbowan.wan.devices import resolve_device
 
     # the library's phase timings (loads, steps), as a job's log has them
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)9.0f ms %(name)s: %(message)s")

@@ -5,7 +5,7 @@
 - imports: seconds a job spends importing torch and diffusers (each in a fresh process);
 - norms: diffusers' / torch's norms against turbodiffusion's FastRMSNorm / FastLayerNorm at the
   expert's activation shape;
-- expert: one bf16 SLA forward eager, then compiled (turbowan.compiled): the first call (compile)
+- expert: one bf16 SLA forward eager, then compiled (turbowan.wan.compiled): the first call (compile)
   and the steady state, and the first call again in a fresh process (Inductor's cache warm);
 - int8: the int8 expert's forward time and peak memory with the feed-forward whole and in 8
   slices, under a 22 GB cap (a 24 GB card less the CUDA context);
@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from turbowan.sizes import PRESETS, latent_shape  # noqa: E402
+from turbowan.wan.sizes import PRESETS, latent_shape  # noqa: E402
 
 GB = 1e9  # bytes: memory is in GB (10^9 bytes) throughout, as the job logs give it
 
@@ -151,8 +151,8 @@ def forward(model, inputs):
 
 
 def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
-    from turbowan.compiled import compile_blocks
-    from turbowan.models import load_transformer
+    from turbowan.wan.compiled import compile_blocks
+    from turbowan.wan.models import load_transformer
 
     cuda = torch.device("cuda")
     seconds, model = timed(lambda: load_transformer(path, cuda, compile=False, activation_slices=1))
@@ -190,7 +190,7 @@ def expert_rss_child(path: str, video: dict) -> None:
     from turbowan.progress import host_rss_gb
 
     hide_unused_packages()
-    from turbowan.models import load_transformer
+    from turbowan.wan.models import load_transformer
 
     model = load_transformer(path, torch.device("cuda"), compile=True)
     print("RSS after load %.2f GB (peak %.2f GB)" % host_rss_gb(), flush=True)
@@ -219,12 +219,12 @@ def probe_exit(models: Path, video_args: list[str]) -> None:
 def timed_load(path: Path, variant: str) -> str:
     """An expert's load in a fresh process, as a job does it (the unused packages hidden, diffusers
     imported while the weights stream); variant "switch 0.005" with Python's default GIL switch
-    interval instead of turbowan.models', "imported first" with diffusers imported beforehand (the
+    interval instead of turbowan.wan.models', "imported first" with diffusers imported beforehand (the
     load alone). Returns the load's log lines and its time."""
     code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
             f"sys.path.insert(0, {str(REPO)!r})\n"
             "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
-            "import turbowan.models as m\n"
+            "import turbowan.wan.models as m\n"
             f"if {variant!r} == 'switch 0.005': m.STREAM_SWITCH_INTERVAL_S = 0.005\n"
             f"if {variant!r} == 'imported first': import diffusers.models.transformers.transformer_wan\n"
             "torch.cuda.init(); t = time.perf_counter()\n"
@@ -280,7 +280,7 @@ def probe_cold_load(models: Path) -> None:
 
 
 def exit_child(path: str, video: dict, how: str) -> None:
-    from turbowan.models import load_transformer
+    from turbowan.wan.models import load_transformer
 
     model = load_transformer(path, torch.device("cuda"), compile=True, activation_slices=1)
     forward(model, expert_inputs(model, video))
@@ -312,7 +312,7 @@ def free_gpu() -> None:
 
 
 def probe_int8(path: str, video: dict) -> None:
-    from turbowan.models import load_transformer
+    from turbowan.wan.models import load_transformer
 
     cuda = torch.device("cuda")
     cap = 22e9 / torch.cuda.get_device_properties(0).total_memory
@@ -338,8 +338,8 @@ def probe_int8(path: str, video: dict) -> None:
 
 
 def probe_vae(path: str, video: dict) -> None:
-    from turbowan.models import load_vae
-    from turbowan.vae import decode_frames, encode_condition
+    from turbowan.wan.models import load_vae
+    from turbowan.wan.vae import decode_frames, encode_condition
 
     vae = load_vae(path, torch.device("cuda"), torch.bfloat16)
     image = torch.rand(1, 3, video["height"], video["width"]) * 2 - 1

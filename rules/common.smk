@@ -9,11 +9,11 @@ from snakemake.logging import logger
 # through the scripts/turbowan link: Snakemake puts a script's folder on its sys.path.)
 sys.path.insert(0, workflow.basedir)
 
-from turbowan.artifacts import sweep  # noqa: E402
+from turbowan.files.artifacts import sweep  # noqa: E402
 from turbowan.batch import collect_garbage  # noqa: E402
-from turbowan.formats import CheckpointError  # noqa: E402
+from turbowan.files.formats import CheckpointError  # noqa: E402
 from turbowan import forkserver  # noqa: E402
-from turbowan.modelfiles import plan_models  # noqa: E402
+from turbowan.files.modelfiles import plan_models  # noqa: E402
 from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows  # noqa: E402
 
 RESULTS = config["results"].rstrip("/")

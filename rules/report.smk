@@ -2,12 +2,12 @@
 # reading the mp4, since decoded frames are temporary), one contact sheet for the batch, and the
 # gallery folder that `snakemake --report report.zip` shows. The gallery is also rebuilt by the
 # Snakefile's onerror handler, so a batch with failed rows still gets one (showing their errors).
-from turbowan.gallery import BatchInfo, build_gallery  # noqa: E402
-from turbowan.summary import write_summary  # noqa: E402
+from turbowan.report.gallery import BatchInfo, build_gallery  # noqa: E402
+from turbowan.report.summary import write_summary  # noqa: E402
 
 
 
-# What the gallery shows besides the rows (turbowan.gallery.BatchInfo's fields).
+# What the gallery shows besides the rows (turbowan.report.gallery.BatchInfo's fields).
 GALLERY_INFO = dict(
     results=RESULTS,
     fps=config["video"]["fps"],

@@ -1,4 +1,4 @@
-from turbowan.hub import download
+from turbowan.files.hub import download
 from turbowan.jobs import run_stage
 
 run_stage(

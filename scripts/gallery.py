@@ -1,4 +1,4 @@
-from turbowan.gallery import BatchInfo, build_gallery
+from turbowan.report.gallery import BatchInfo, build_gallery
 from turbowan.jobs import run_stage
 from turbowan.sheet import Row
 

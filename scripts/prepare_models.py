@@ -1,4 +1,4 @@
-from turbowan.convert import prepare_model
+from turbowan.files.convert import prepare_model
 from turbowan.jobs import run_stage
 
 run_stage(

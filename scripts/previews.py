@@ -1,5 +1,5 @@
 from turbowan.jobs import run_stage
-from turbowan.previews import make_previews
+from turbowan.report.previews import make_previews
 
 run_stage(
     "previews", snakemake.log[0], make_previews,

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from turbowan.demo import write_official_pth
-from turbowan.int8 import quantize_expert as int8_tensors
-from turbowan.keymaps import t5_key_to_hf
+from turbowan.wan.int8 import quantize_expert as int8_tensors
+from turbowan.wan.keymaps import t5_key_to_hf
 
 def hf_t5_tensors(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """umT5 official names -> transformers names (shared.weight and encoder.embed_tokens.weight both)."""

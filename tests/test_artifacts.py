@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from turbowan.artifacts import ArtifactError, atomic_path, load_artifact, read_record, save_artifact
+from turbowan.files.artifacts import ArtifactError, atomic_path, load_artifact, read_record, save_artifact
 
 
 def save(path, **params):
@@ -78,7 +78,7 @@ def test_existing_artifact_survives_a_failed_rewrite(tmp_path):
 
 
 def test_sweep_moves_a_broken_artifact_and_what_was_made_from_it(tmp_path):
-    from turbowan.artifacts import sweep
+    from turbowan.files.artifacts import sweep
 
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     save(good)
@@ -94,7 +94,7 @@ def test_sweep_moves_a_broken_artifact_and_what_was_made_from_it(tmp_path):
 
 @pytest.mark.parametrize("damage", [lambda b: b[:4], lambda b: b"\xff" * 8 + b[8:], lambda b: b + b"xx"])
 def test_quick_check_spots_damage_without_reading_the_data(tmp_path, damage):
-    from turbowan.artifacts import quick_check
+    from turbowan.files.artifacts import quick_check
 
     path = tmp_path / "a.safetensors"
     save(path)

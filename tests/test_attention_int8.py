@@ -6,16 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbowan import attention
-from turbowan.attention import (
+from turbowan.wan import attention
+from turbowan.wan.attention import (
     AttentionConfigError,
     SLAAttnProcessor,
     SparseLinearAttention,
     resolve_attention,
     sla_block_map,
 )
-from turbowan.int8 import BlockInt8Linear, dequantize_blockwise, quantize_blockwise
-from turbowan.models import load_transformer
+from turbowan.wan.int8 import BlockInt8Linear, dequantize_blockwise, quantize_blockwise
+from turbowan.wan.models import load_transformer
 
 CPU = torch.device("cpu")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from turbowan.artifacts import failure_record, load_artifact, save_artifact
+from turbowan.files.artifacts import failure_record, load_artifact, save_artifact
 from turbowan.batch import RowFailed, RowTask, collect_garbage, run_rows, store_key
 
 

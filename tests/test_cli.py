@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from tests.conftest import REPO, write_image
-from turbowan.artifacts import save_artifact
+from turbowan.files.artifacts import save_artifact
 from turbowan.cli import main
-from turbowan.summary import STAGES, RowRef, stage_output, write_summary
+from turbowan.report.summary import STAGES, RowRef, stage_output, write_summary
 
 ROWS = [RowRef("boat", "a boat", "0123456789abcdef"), RowRef("cafe", "a café", "fedcba9876543210")]
 

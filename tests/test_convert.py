@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from turbowan.convert import prepare_model, write_safetensors
-from turbowan.formats import CheckpointError
+from turbowan.files.convert import prepare_model, write_safetensors
+from turbowan.files.formats import CheckpointError
 
 
 def test_streamed_file_reads_back_like_save_file(tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from snakemake.utils import validate
 
 from turbowan import stages
-from turbowan.artifacts import failure_record, load_artifact
+from turbowan.files.artifacts import failure_record, load_artifact
 from turbowan.sheet import SheetError, check_defaults
 
 from .conftest import BIN, REPO, make_workdir, file_ids, snakemake, write_image
@@ -52,7 +52,7 @@ def test_sigkill_inside_a_group_loses_only_the_row_in_flight(tmp_path):
     assert "row r2 (2/3): sample_low" in group_log.read_text()
     before = finished_files(folder)
     assert "results/r1/latent.safetensors" in before
-    from turbowan.artifacts import quick_check
+    from turbowan.files.artifacts import quick_check
 
     assert all(quick_check(folder / name) is None for name in before if name.endswith(".safetensors"))
 
@@ -164,7 +164,7 @@ def test_disk_full_while_writing_leaves_nothing_and_rerun_completes(tmp_path, de
 def test_disk_full_while_writing_frames_leaves_no_frames_folder(tmp_path, monkeypatch):
     from PIL import Image
 
-    from turbowan.video import save_frames
+    from turbowan.files.video import save_frames
 
     calls = []
 

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.model_layouts import write_layouts
-from turbowan.convert import prepare_model
-from turbowan.formats import CheckpointError, check_model_set, inspect_model, inspect_role
-from turbowan.int8 import BlockInt8Linear
-from turbowan.models import load_text_encoder, load_transformer, load_vae
+from turbowan.files.convert import prepare_model
+from turbowan.files.formats import CheckpointError, check_model_set, inspect_model, inspect_role
+from turbowan.wan.int8 import BlockInt8Linear
+from turbowan.wan.models import load_text_encoder, load_transformer, load_vae
 
 CPU = torch.device("cpu")
 
@@ -206,9 +206,9 @@ def test_the_snakefile_checks_safetensors_model_files_without_torch(layouts):
                                               "t5-hf.safetensors")}
     code = (
         "import sys\n"
-        "import turbowan.artifacts, turbowan.batch, turbowan.gallery, turbowan.modelfiles, turbowan.sheet\n"
-        "import turbowan.summary  # what rules/*.smk import\n"
-        "from turbowan.formats import inspect_model\n"
+        "import turbowan.files.artifacts, turbowan.batch, turbowan.report.gallery, turbowan.files.modelfiles, turbowan.sheet\n"
+        "import turbowan.report.summary  # what rules/*.smk import\n"
+        "from turbowan.files.formats import inspect_model\n"
         f"for path in {list(files.values())!r}:\n"
         "    print(inspect_model(path).layout)\n"
         "print('torch imported:', 'torch' in sys.modules)\n"

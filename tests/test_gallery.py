@@ -7,10 +7,10 @@ import pytest
 
 from tests.conftest import write_image
 from tests.test_previews import make_video
-from turbowan.gallery import BatchInfo, build_gallery
-from turbowan.previews import animated_preview, contact_sheet
+from turbowan.report.gallery import BatchInfo, build_gallery
+from turbowan.report.previews import animated_preview, contact_sheet
 from turbowan.sheet import Row
-from turbowan.summary import STAGES, stage_output
+from turbowan.report.summary import STAGES, stage_output
 
 
 def row(rid, image, prompt):

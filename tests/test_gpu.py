@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from turbowan import stages
-from turbowan.artifacts import load_artifact
-from turbowan.sizes import latent_shape
+from turbowan.files.artifacts import load_artifact
+from turbowan.wan.sizes import latent_shape
 
 from .conftest import write_image
 from .test_sampler import VIDEO, single_process
@@ -30,7 +30,7 @@ def test_split_equals_single_process_on_cuda(demo_models, tmp_path, ode, num_ste
 
 def test_cuda_noise_differs_from_cpu_noise_for_one_seed(demo_models, tmp_path):
     """Why artifacts record the device type: a boundary made on CUDA cannot continue on a CPU."""
-    from turbowan.sampler import make_generator
+    from turbowan.wan.sampler import make_generator
 
     cpu = torch.randn(8, generator=make_generator(1, "cpu"))
     gpu = torch.randn(8, generator=make_generator(1, "cuda"), device="cuda").cpu()
@@ -38,7 +38,7 @@ def test_cuda_noise_differs_from_cpu_noise_for_one_seed(demo_models, tmp_path):
 
 
 def test_pinned_read_ahead_to_the_gpu_gives_the_files_tensors(tmp_path):
-    from turbowan.safetensors_io import SafetensorsFile
+    from turbowan.files.safetensors_io import SafetensorsFile
 
     from .test_safetensors_io import staged_file
 
@@ -52,7 +52,7 @@ def test_pinned_read_ahead_to_the_gpu_gives_the_files_tensors(tmp_path):
 def test_the_pinned_slabs_leave_the_host_memory_once_a_load_is_done(tmp_path):
     """PyTorch keeps freed pinned memory cached (in the job's RSS); to_device gives its slabs back."""
     from turbowan.progress import host_rss_gb
-    from turbowan.safetensors_io import SafetensorsFile
+    from turbowan.files.safetensors_io import SafetensorsFile
 
     from .test_safetensors_io import staged_file
 
@@ -68,7 +68,7 @@ def test_the_pinned_slabs_leave_the_host_memory_once_a_load_is_done(tmp_path):
 
 
 def test_sliced_feed_forward_matches_the_whole_one_on_cuda(demo_models):
-    from turbowan.models import load_transformer
+    from turbowan.wan.models import load_transformer
 
     cuda = torch.device("cuda")
     whole = load_transformer(demo_models["high"], cuda, torch.float32, attention="sdpa", activation_slices=1)
@@ -86,8 +86,8 @@ def test_compiled_expert_matches_eager_on_cuda(demo_models):
     """Inductor-compiled blocks around turbodiffusion's SLA kernel (when installed) give the eager output."""
     import torch._dynamo
 
-    from turbowan.compiled import compile_blocks
-    from turbowan.models import load_transformer
+    from turbowan.wan.compiled import compile_blocks
+    from turbowan.wan.models import load_transformer
 
     cuda = torch.device("cuda")
     eager = load_transformer(demo_models["high"], cuda, attention="sla", activation_slices=2)
@@ -114,7 +114,7 @@ def _one_block_expert(path, device) -> None:
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
-    from turbowan.keymaps import dit_key_to_official
+    from turbowan.wan.keymaps import dit_key_to_official
 
     config = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36,
                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=1, cross_attn_norm=True,
@@ -137,7 +137,7 @@ def test_a_block_at_720p_stays_under_the_memory_bounds(tmp_path):
     """Peak activation memory of one full-size block at 720p (81 frames: 75,600 tokens), beyond its
     weights and inputs: within issue 4's 10 GB whole, and less in 8 slices (room for an int8
     expert on a 24 GB card), with the same output."""
-    from turbowan.models import load_transformer
+    from turbowan.wan.models import load_transformer
 
     cuda = torch.device("cuda")
     path = tmp_path / "one-block.safetensors"

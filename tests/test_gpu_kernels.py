@@ -29,7 +29,7 @@ def cuda():
 
 @pytest.fixture(scope="module")
 def turbo_sla():
-    from turbowan.attention import _turbodiffusion_sla
+    from turbowan.wan.attention import _turbodiffusion_sla
 
     sla = _turbodiffusion_sla()
     assert sla is not None, "turbodiffusion.SLA does not import (pip install turbodiffusion --no-build-isolation)"
@@ -38,7 +38,7 @@ def turbo_sla():
 
 @pytest.fixture(scope="module")
 def turbo_int8():
-    from turbowan.int8 import turbodiffusion_int8_linear
+    from turbowan.wan.int8 import turbodiffusion_int8_linear
 
     cls = turbodiffusion_int8_linear()
     assert cls is not None, "turbodiffusion.ops does not import (the compiled turbo_diffusion_ops extension)"
@@ -54,7 +54,7 @@ def _qkv(cuda, seed=0):
 def test_sla_block_choice_matches_the_kernels(cuda, turbo_sla):
     from turbodiffusion.SLA.utils import get_block_map
 
-    from turbowan.attention import sla_block_map
+    from turbowan.wan.attention import sla_block_map
 
     q, k, _ = (t.transpose(1, 2).contiguous() for t in _qkv(cuda))
     _, lut, topk = get_block_map(q, k, topk_ratio=0.1, BLKQ=128, BLKK=64)
@@ -65,7 +65,7 @@ def test_sla_block_choice_matches_the_kernels(cuda, turbo_sla):
 
 
 def test_triton_sla_matches_plain_torch_sla(cuda, turbo_sla):
-    from turbowan.attention import SparseLinearAttention
+    from turbowan.wan.attention import SparseLinearAttention
 
     kernel = turbo_sla.SparseLinearAttention(head_dim=HEAD_DIM, topk=0.1, BLKQ=128, BLKK=64)
     with_kernel = SparseLinearAttention(HEAD_DIM, 0.1, kernel=kernel).to(cuda)
@@ -86,7 +86,7 @@ def test_triton_sla_matches_plain_torch_sla(cuda, turbo_sla):
 def test_official_int8_quantiser_matches_ours(cuda, turbo_int8):
     from turbodiffusion.ops.core import int8_quant
 
-    from turbowan.int8 import quantize_blockwise
+    from turbowan.wan.int8 import quantize_blockwise
 
     w = torch.randn(FFN, WIDTH, device=cuda, dtype=torch.bfloat16) * 0.02
     q_ref, s_ref = int8_quant(w)
@@ -99,7 +99,7 @@ def test_official_int8_quantiser_matches_ours(cuda, turbo_int8):
 
 @pytest.mark.parametrize("out_features, in_features", [(WIDTH, WIDTH), (FFN, WIDTH), (WIDTH, FFN)])
 def test_int8_linear_kernel_matches_the_cpu_path(cuda, turbo_int8, out_features, in_features):
-    from turbowan.int8 import BlockInt8Linear, quantize_blockwise
+    from turbowan.wan.int8 import BlockInt8Linear, quantize_blockwise
 
     g = torch.Generator(device=cuda).manual_seed(3)
     w = torch.randn(out_features, in_features, generator=g, device=cuda) / math.sqrt(in_features)
@@ -124,7 +124,7 @@ def test_gpu_expert_with_kernels_matches_plain_torch(cuda, turbo_sla, turbo_int8
     from safetensors.torch import load_file, save_file
 
     from tests.model_layouts import int8_tensors
-    from turbowan import models
+    from turbowan.wan import models
 
     int8_path = tmp_path / "int8.safetensors"
     save_file(int8_tensors(load_file(demo_models["high"])), str(int8_path))

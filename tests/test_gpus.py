@@ -1,4 +1,4 @@
-"""One card per job on a multi-GPU box (turbowan.gpus), with fake card lists on the CPU.
+"""One card per job on a multi-GPU box (turbowan.runtime.gpus), with fake card lists on the CPU.
 
 The jobs are real processes: flock locks belong to processes, and "a killed job frees its card"
 can only be shown by killing one.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from turbowan.gpus import Card, NoFreeGpu, allowed_cards, assign_gpu, lock_card, parse_nvidia_smi
+from turbowan.runtime.gpus import Card, NoFreeGpu, allowed_cards, assign_gpu, lock_card, parse_nvidia_smi
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = ["GPU-00000000-aaaa", "GPU-11111111-bbbb", "GPU-22222222-cccc"]
@@ -21,7 +21,7 @@ CARDS = ["GPU-00000000-aaaa", "GPU-11111111-bbbb", "GPU-22222222-cccc"]
 # A GPU job in miniature: take a card the way run_stage does, say which, hold it until told.
 HOLDER = """
 import logging, os, sys, time
-from turbowan.gpus import assign_gpu
+from turbowan.runtime.gpus import assign_gpu
 logging.basicConfig(level=logging.INFO)
 card = assign_gpu("holder")
 print(os.environ["CUDA_VISIBLE_DEVICES"], flush=True)

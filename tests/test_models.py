@@ -8,11 +8,11 @@ from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
 from turbowan.demo import DEMO_DIT, DEMO_T5, DEMO_VAE
-from turbowan.keymaps import (
+from turbowan.wan.keymaps import (
     dit_key_to_official, dit_rename_table, t5_key_to_hf, t5_key_to_official, vae_key_to_official,
     vae_rename_table,
 )
-from turbowan.models import CheckpointError, load_text_encoder, load_transformer, load_vae
+from turbowan.wan.models import CheckpointError, load_text_encoder, load_transformer, load_vae
 
 
 def test_dit_names_invert_diffusers_converter():
@@ -114,7 +114,7 @@ def run_expert(model, latent_size: tuple[int, int, int], seed: int) -> torch.Ten
 
 
 def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activations(demo_models):
-    from turbowan.slicing import ChunkedFeedForward
+    from turbowan.wan.slicing import ChunkedFeedForward
 
     cpu = torch.device("cpu")
     whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sdpa", activation_slices=1)
@@ -129,7 +129,7 @@ def test_feed_forward_in_slices_gives_the_same_output_with_a_slice_of_the_activa
 
 def test_float32_modules_are_diffusers_own():
     """The weights stream in their final dtypes before diffusers is imported, from this list."""
-    from turbowan.models import DIT_FP32_MODULES
+    from turbowan.wan.models import DIT_FP32_MODULES
 
     assert DIT_FP32_MODULES == set(WanTransformer3DModel._keep_in_fp32_modules) | {"proj_l"}
 
@@ -138,7 +138,7 @@ def test_a_load_that_fails_while_building_stops_its_stream(demo_models, monkeypa
     """The file streams in a thread while diffusers is imported; a failure there must not leave it running."""
     import threading
 
-    import turbowan.models as models
+    import turbowan.wan.models as models
 
     reached = []
 
@@ -166,7 +166,7 @@ def test_compiled_blocks_give_the_eager_output(demo_models):
     it checks that the sliced blocks and SLA trace; the GPU test runs Inductor)."""
     import torch._dynamo
 
-    from turbowan.compiled import compile_blocks
+    from turbowan.wan.compiled import compile_blocks
 
     cpu = torch.device("cpu")
     eager = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=2)
@@ -182,7 +182,7 @@ def test_compiled_blocks_give_the_eager_output(demo_models):
 
 
 def test_compile_setting():
-    from turbowan.compiled import compile_wanted
+    from turbowan.wan.compiled import compile_wanted
 
     assert compile_wanted("auto", torch.device("cpu")) is False
     assert compile_wanted("auto", torch.device("cuda")) is True
@@ -195,7 +195,7 @@ def test_compile_setting():
 def test_sliced_sla_blocks_give_the_same_output_a_slice_at_a_time(demo_models):
     """With SLA, activation_slices runs whole blocks in slices: the feed-forward and the q/k/v
     projections see a slice of the tokens, SLA a group of heads."""
-    from turbowan.slicing import SlicedBlock
+    from turbowan.wan.slicing import SlicedBlock
 
     cpu = torch.device("cpu")
     whole = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=1)
@@ -214,7 +214,7 @@ def test_sliced_sla_blocks_give_the_same_output_a_slice_at_a_time(demo_models):
 
 def test_sla_over_groups_of_heads_gives_the_same_output(demo_models):
     """The processor runs SLA a group of heads at a time (less working memory): same output as one call."""
-    from turbowan.attention import SLAAttnProcessor
+    from turbowan.wan.attention import SLAAttnProcessor
 
     cpu = torch.device("cpu")
     model = load_transformer(demo_models["high"], cpu, torch.float32, attention="sla", activation_slices=1)

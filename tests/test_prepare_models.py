@@ -11,11 +11,12 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import run_snakemake, write_image
-from turbowan import mp4, stages
-from turbowan.artifacts import load_artifact, read_record
-from turbowan.convert import write_safetensors
+from turbowan import mp4
+from turbowan import stages
+from turbowan.files.artifacts import load_artifact, read_record
+from turbowan.files.convert import write_safetensors
 from turbowan.demo import write_official_pth
-from turbowan.sizes import latent_shape
+from turbowan.wan.sizes import latent_shape
 
 VIDEO = {"width": 48, "height": 32, "num_frames": 9}
 SAMPLING = {"seed": 7, "num_steps": 4, "sigma_max": 200.0, "boundary": 0.9, "ode": False}
@@ -138,7 +139,7 @@ def test_download_offline_fails_at_once_listing_the_files(demo_models, tmp_path)
 
 
 def test_download_that_cannot_connect_fails_with_the_same_list(tmp_path, monkeypatch):
-    from turbowan.hub import DownloadError, HubFile, download
+    from turbowan.files.hub import DownloadError, HubFile, download
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from turbowan import stages
-from turbowan.artifacts import load_artifact
-from turbowan.image import ImageError, image_size, open_rgb, preprocess
-from turbowan.models import load_text_encoder, load_tokenizer, load_vae
-from turbowan.sizes import PRESETS, adaptive_size, choose_size, frames_ok, latent_shape, size_problem
-from turbowan.text import TEXT_LEN, clean_prompt, encode_text, tokenize
-from turbowan.vae import decode_frames, encode_condition
+from turbowan.files.artifacts import load_artifact
+from turbowan.wan.image import ImageError, image_size, open_rgb, preprocess
+from turbowan.wan.models import load_text_encoder, load_tokenizer, load_vae
+from turbowan.wan.sizes import PRESETS, adaptive_size, choose_size, frames_ok, latent_shape, size_problem
+from turbowan.wan.text import TEXT_LEN, clean_prompt, encode_text, tokenize
+from turbowan.wan.vae import decode_frames, encode_condition
 
 from .conftest import write_image
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from turbowan.previews import (
+from turbowan.report.previews import (
     SheetLayout, animated_preview, batch_sheet, caption_lines, contact_sheet, evenly_spaced, frame_count,
 )
-from turbowan.video import write_mp4
+from turbowan.files.video import write_mp4
 
 W, H, FRAMES, FPS = 48, 32, 17, 16
 
@@ -114,7 +114,7 @@ def test_the_mp4_and_preview_jobs_run_without_torch(tmp_path):
 
     import torch
 
-    from turbowan.video import save_frames
+    from turbowan.files.video import save_frames
 
     frames = torch.stack([torch.full((H, W, 3), 10 + 14 * i, dtype=torch.uint8) for i in range(FRAMES)])
     save_frames(frames, tmp_path / "frames", {"made_by": "this test"})
@@ -122,7 +122,7 @@ def test_the_mp4_and_preview_jobs_run_without_torch(tmp_path):
 import sys
 from turbowan.jobs import run_stage
 from turbowan.mp4 import encode_video
-from turbowan.previews import make_previews
+from turbowan.report.previews import make_previews
 out = {str(tmp_path)!r}
 run_stage("encode_video", None, encode_video, frames_dir=out + "/frames", out=out + "/video.mp4",
           video={{"width": {W}, "height": {H}, "num_frames": {FRAMES}}}, fps={FPS}, quality=8, key="row0",
@@ -141,7 +141,7 @@ print("torch imported:", "torch" in sys.modules)
 
 def test_frames_are_counted_from_the_packets_as_decoding_counts_them(video, tmp_path):
     """write_mp4's check counts packets (no decode); that is the number of frames a decoder gets."""
-    from turbowan.video import VideoError, count_frames, probe
+    from turbowan.files.video import VideoError, count_frames, probe
 
     assert count_frames(video) == probe(video)["frames"] == FRAMES
     cut = tmp_path / "cut.mp4"

@@ -5,9 +5,9 @@ import re
 
 import torch
 
-from turbowan.models import load_transformer, load_vae
-from turbowan.sampler import SamplerState, make_generator, run_steps
-from turbowan.schedule import rcm_timesteps
+from turbowan.wan.models import load_transformer, load_vae
+from turbowan.wan.sampler import SamplerState, make_generator, run_steps
+from turbowan.wan.schedule import rcm_timesteps
 
 
 def test_model_loads_say_what_size_and_speed(demo_models, caplog):

@@ -25,10 +25,10 @@ from PIL import Image
 
 from tests.browser import ARTIFACTS, gallery_in_report
 from tests.conftest import REPO, file_ids, run_snakemake
-from turbowan.artifacts import failure_record
-from turbowan.gallery import EMBED_WARN_BYTES
+from turbowan.files.artifacts import failure_record
+from turbowan.report.gallery import EMBED_WARN_BYTES
 from turbowan.jobs import FAULT_ENV
-from turbowan.previews import SheetLayout, frame_count
+from turbowan.report.previews import SheetLayout, frame_count
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from turbowan.safetensors_io import SafetensorsFile, SafetensorsFormatError
+from turbowan.files.safetensors_io import SafetensorsFile, SafetensorsFormatError
 
 
 def test_every_dtype_reads_back_identically(tmp_path):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from turbowan import stages
-from turbowan.artifacts import ArtifactError, load_artifact
-from turbowan.models import load_transformer
-from turbowan.sampler import dit_velocity, rcm_step, sample_single_process
-from turbowan.sizes import latent_shape
+from turbowan.files.artifacts import ArtifactError, load_artifact
+from turbowan.wan.models import load_transformer
+from turbowan.wan.sampler import dit_velocity, rcm_step, sample_single_process
+from turbowan.wan.sizes import latent_shape
 
 VIDEO = {"width": 48, "height": 32, "num_frames": 9}
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from turbowan.schedule import expert_for_steps, network_timestep, num_high_steps, rcm_timesteps
+from turbowan.wan.schedule import expert_for_steps, network_timestep, num_high_steps, rcm_timesteps
 
 
 def test_four_step_times_for_sigma_max_200():

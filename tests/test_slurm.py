@@ -157,7 +157,7 @@ def test_demo_sheet_on_slurm_resumes_after_a_cancelled_sampling_job(tmp_path, de
     for job in all_jobs:
         wants_gpu = job["rule"] in GPU_RULES
         assert ("gpu:1" in job["tres"]) == wants_gpu, job
-    # ... and the jobs took the card SLURM gave them (turbowan.gpus takes no lock under SLURM).
+    # ... and the jobs took the card SLURM gave them (turbowan.runtime.gpus takes no lock under SLURM).
     # GPU jobs ran side by side on the two cards: nothing (say, a `resources: gpu=1` in
     # profiles/default, which Snakemake loads beside this profile) held them to one at a time.
     # (SLURM's times have whole seconds, ISO format: strings compare as times.)

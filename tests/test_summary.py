@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from turbowan.artifacts import ArtifactError
+from turbowan.files.artifacts import ArtifactError
 from turbowan.jobs import run_stage
-from turbowan.summary import (
+from turbowan.report.summary import (
     STAGES, RowRef, benchmark_seconds, build_summary, columns, format_table, last_error, rows_from_summary,
     stage_output, stage_status, write_summary,
 )
@@ -102,7 +102,7 @@ def test_decode_counts_as_done_once_its_temporary_frames_became_the_mp4(tmp_path
     ("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad value\n", "ValueError: bad value"),
     # chained: the last exception is the one reported
     ("KeyError: 'a'\n\nDuring handling of the above exception, another exception occurred:\n\n"
-     "Traceback (most recent call last):\nturbowan.artifacts.ArtifactError: x.safetensors: missing\n",
+     "Traceback (most recent call last):\nturbowan.files.artifacts.ArtifactError: x.safetensors: missing\n",
      "ArtifactError: x.safetensors: missing"),
     ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n",
      "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),

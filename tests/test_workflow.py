@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from turbowan.video import probe
+from turbowan.files.video import probe
 
 from .conftest import SHEET, alive, make_workdir, file_ids, snakemake
 

@@ -10,7 +10,7 @@ loading a model; a crash loses only the row in flight.
 A row that fails while others in its group succeed gets a failure record at its output (an
 artifact of stage "failed"), so the group job succeeds, the other rows go on, the row's later
 stages pass the record along, and its last stage fails with the original error. The next run
-removes the records (`turbowan.artifacts.sweep`) and retries those rows. When every row of a job
+removes the records (`turbowan.files.artifacts.sweep`) and retries those rows. When every row of a job
 fails (with one row per group: always) the job itself fails, as a plain per-row job would.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .artifacts import atomic_dir, check_digest, failure_record, fingerprint, remove, write_failure
+from .files.artifacts import atomic_dir, check_digest, failure_record, fingerprint, remove, write_failure
 from .jobs import injected_fault
 
 log = logging.getLogger("turbowan.batch")
@@ -88,7 +88,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def damaged(entry: Path) -> str | None:
     """Why a store entry cannot be reused (a file changed in place through one of its links), or None."""
     if entry.is_dir():  # frames
-        from .video import VideoError, load_frames  # (not at the top: the Snakefile imports this module)
+        from .files.video import VideoError, load_frames  # (not at the top: the Snakefile imports this module)
 
         try:
             load_frames(entry)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .artifacts import META_KEY
-from .summary import SUMMARY_NAME, build_summary, format_table, rows_from_summary, write_summary
+from .files.artifacts import META_KEY
+from .report.summary import SUMMARY_NAME, build_summary, format_table, rows_from_summary, write_summary
 
 
 def _rows_from_config(configfile: str):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import atomic_path
-from .keymaps import dit_key_to_official, t5_key_to_official, vae_key_to_official
+from .files.artifacts import atomic_path
+from .wan.keymaps import dit_key_to_official, t5_key_to_official, vae_key_to_official
 
 DEMO_DIT = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=36, out_channels=16,

@@ -63,7 +63,7 @@ PER_JOB_ENV = frozenset({
     "OMP_NUM_THREADS", "GOTO_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",  # Snakemake: the rule's threads
     "TMPDIR", "TMP", "TEMP", "TEMPDIR",  # Snakemake: the tmpdir resource
-    "CUDA_VISIBLE_DEVICES",  # read when CUDA starts, in the worker (turbowan.gpus sets it there)
+    "CUDA_VISIBLE_DEVICES",  # read when CUDA starts, in the worker (turbowan.runtime.gpus sets it there)
     "_", "PWD", "OLDPWD", "SHLVL",  # the shell that started the job
 })
 

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable, NoReturn
 
-from .gpus import assign_gpu
+from .runtime.gpus import assign_gpu
 from .progress import host_rss_gb
 
 log = logging.getLogger("turbowan.job")
@@ -67,7 +67,7 @@ def run_stage(
 ) -> None:
     """Run one stage function with logging; a failure is logged with its traceback and re-raised.
 
-    `gpus` is the rule's `resources.gpu`: a GPU job first takes a card of its own (turbowan.gpus),
+    `gpus` is the rule's `resources.gpu`: a GPU job first takes a card of its own (turbowan.runtime.gpus),
     before anything initialises CUDA. `process_note` says what the process is (a fork server's
     worker, or why not). `kwargs` go to the stage.
     """

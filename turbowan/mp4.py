@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .artifacts import ArtifactError, failure_record, failure_words
+from .files.artifacts import ArtifactError, failure_record, failure_words
 from .batch import RowTask, run_group, store_entry
-from .sizes import video_values
-from .video import FRAMES_INFO, load_frames, write_mp4
+from .wan.sizes import video_values
+from .files.video import FRAMES_INFO, load_frames, write_mp4
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from .image import ImageError, image_size, open_rgb
-from .sizes import PRESETS, choose_size, frames_ok, size_problem
+from .wan.image import ImageError, image_size, open_rgb
+from .wan.sizes import PRESETS, choose_size, frames_ok, size_problem
 
 # Folder names under <results> that hold shared files, so they cannot be row ids.
 RESERVED_IDS = {"prompts", "logs", "benchmarks"}

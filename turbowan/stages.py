@@ -15,20 +15,20 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .artifacts import ArtifactError, check_made_from, fingerprint, load_artifact, save_artifact
+from .files.artifacts import ArtifactError, check_made_from, fingerprint, load_artifact, save_artifact
 from .batch import Lookahead, RowTask, run_group, store_entry
-from .compiled import compile_wanted
-from .devices import release, resolve_device, resolve_dtype
-from .image import open_rgb, preprocess
-from .models import load_text_encoder, load_tokenizer, load_transformer, load_vae
+from .wan.compiled import compile_wanted
+from .wan.devices import release, resolve_device, resolve_dtype
+from .wan.image import open_rgb, preprocess
+from .wan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
 from .mp4 import mp4_into_store
 from .progress import phase
-from .sampler import SamplerState, dit_velocity, initial_state, restore_generator, run_steps
-from .schedule import num_high_steps, rcm_timesteps
-from .sizes import latent_shape, video_values
-from .text import TEXT_LEN, encode_text
-from .vae import decode_frames, encode_condition
-from .video import save_frames
+from .wan.sampler import SamplerState, dit_velocity, initial_state, restore_generator, run_steps
+from .wan.schedule import num_high_steps, rcm_timesteps
+from .wan.sizes import latent_shape, video_values
+from .wan.text import TEXT_LEN, encode_text
+from .wan.vae import decode_frames, encode_condition
+from .files.video import save_frames
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _check_text_width(model, text: torch.Tensor, text_path: str, expert: str) ->
 
 
 def _expert(expert: str, dev: torch.device, dtype: str, attn: dict, activation_slices: int | str) -> Lazy:
-    """attn: attention, sla_topk and compile (turbowan.compiled.compile_wanted, resolved)."""
+    """attn: attention, sla_topk and compile (turbowan.wan.compiled.compile_wanted, resolved)."""
     def load():
         with phase("load expert"):
             return load_transformer(expert, dev, resolve_dtype(dtype), **attn, activation_slices=activation_slices)

@@ -42,7 +42,7 @@ def package_versions() -> dict[str, str]:
     """Versions of the packages that shape the numbers (read from metadata: importing is slow)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .. import __version__
 
     import torch
 

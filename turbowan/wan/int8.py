@@ -128,7 +128,7 @@ def swap_in_int8_linears(model: torch.nn.Module, names: list[str], device: torch
             raise TypeError(f"{name} is a {type(linear).__name__}, expected nn.Linear")
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=dtype)
-        if backend == "turbodiffusion":  # its CUDA GEMM runs outside compiled graphs (turbowan.compiled)
+        if backend == "turbodiffusion":  # its CUDA GEMM runs outside compiled graphs (turbowan.wan.compiled)
             new.forward = torch.compiler.disable(new.forward)
         setattr(parent, child, new)
     return backend

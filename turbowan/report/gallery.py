@@ -22,8 +22,8 @@ from typing import Any, Iterable, Mapping
 
 from PIL import Image
 
-from .artifacts import atomic_dir
-from .image import ImageError, open_rgb
+from ..files.artifacts import atomic_dir
+from ..wan.image import ImageError, open_rgb
 from .summary import DONE, FAILED, STAGES, build_summary
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .artifacts import atomic_path
+from ..files.artifacts import atomic_path
 
 FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from .formats import SLA_KEY, clean_dit_key
+from ..files.formats import SLA_KEY, clean_dit_key
 
 # ---------------------------------------------------------------------------------------------
 # DiT (TurboDiffusion's .pth: official Wan names, patch_embedding as a Linear, SLA proj_l extras)

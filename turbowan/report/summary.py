@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from .artifacts import atomic_path, failure_record
+from ..files.artifacts import atomic_path, failure_record
 
 STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode", "encode_video")
 DONE, FAILED, MISSING = "done", "failed", "missing"

@@ -113,7 +113,7 @@ def _run_kernel(kernel: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: to
 
 @functools.cache
 def _kernel_caller():
-    """_run_kernel, outside compiled graphs (turbowan.compiled). Made on first use, not at import:
+    """_run_kernel, outside compiled graphs (turbowan.wan.compiled). Made on first use, not at import:
     torch.compiler.disable imports dynamo (a second), which only expert jobs need."""
     return torch.compiler.disable(_run_kernel)
 

@@ -1,6 +1,6 @@
 """Build the three networks from checkpoint files, streaming tensors straight to the device.
 
-A loader recognises the file (turbowan.formats: layout and sizes from names, dtypes and shapes),
+A loader recognises the file (turbowan.files.formats: layout and sizes from names, dtypes and shapes),
 builds the diffusers / transformers module with empty (meta) parameters, then moves each tensor
 from the file to the device one at a time: no whole-checkpoint copy in host memory, and only the
 model a job asks for is ever loaded. Files may be safetensors (the pipeline's own, prepared by
@@ -23,7 +23,7 @@ import torch
 from accelerate import init_empty_weights
 
 from .attention import install_attention, resolve_attention
-from .formats import (
+from ..files.formats import (
     KIND_WORDS,
     CheckpointError,
     ModelInfo,
@@ -34,10 +34,10 @@ from .formats import (
 )
 from .compiled import compile_blocks
 from .int8 import swap_in_int8_linears
-from .safetensors_io import SafetensorsFile, SafetensorsFormatError
+from ..files.safetensors_io import SafetensorsFile, SafetensorsFormatError
 from .slicing import activation_slices_for, slice_activations
 from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
-from .progress import announce_load, took
+from ..progress import announce_load, took
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ def load_transformer(
     """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
 
     Weights go to `dtype` except DIT_FP32_MODULES, which stay float32; int8 layers keep their int8
-    weights and float32 scales (turbowan.int8). `attention`: auto | sla | sagesla | sdpa
-    (turbowan.attention). kernels=False: plain-torch SLA and int8 even on a GPU with turbodiffusion
-    (for comparisons). activation_slices: see activation_slices_for. compile: see turbowan.compiled.
+    weights and float32 scales (turbowan.wan.int8). `attention`: auto | sla | sagesla | sdpa
+    (turbowan.wan.attention). kernels=False: plain-torch SLA and int8 even on a GPU with turbodiffusion
+    (for comparisons). activation_slices: see activation_slices_for. compile: see turbowan.wan.compiled.
     """
     path = Path(path)
     started = announce_load(log, "expert", path, device)

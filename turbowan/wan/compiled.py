@@ -43,6 +43,6 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
     torch._dynamo.config.suppress_errors = True
     # one entry per video size a job meets (rows of a group may differ); beyond it, eager
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    for block in model.blocks:  # (diffusers' blocks, or turbowan.slicing's SlicedBlock around them)
+    for block in model.blocks:  # (diffusers' blocks, or turbowan.wan.slicing's SlicedBlock around them)
         block.compile(backend=backend, dynamic=False)
     log.info("expert blocks compiled with torch.compile (%s; the first step pays the compile)", backend)
