@@ -18,7 +18,7 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from safetensors import SafetensorError, safe_open
 
@@ -26,12 +26,12 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: the CPU jobs n
     import torch
 
 META_KEY = "turbowan"
-# The stage name of a failure record: what a group job leaves at the output of a row that failed
-# (turbowan.batch), so the row's later stages can pass the error on instead of computing.
-FAILED_STAGE = "failed"
-FAILURE_FILE = "FAILED.json"  # a failure record in place of a folder output (frames)
 # Files larger than this (model checkpoints) are fingerprinted by size and mtime, not hashed.
 HASH_LIMIT_BYTES = 512 * 1024**2
+
+
+# What a reader that found a broken upstream file tells the user to do (it never moves files itself).
+REMAKE_HINT = "`turbowan check --repair` removes it and what was made from it; then rerun"
 
 
 class ArtifactError(RuntimeError):
@@ -138,14 +138,6 @@ def data_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def quarantine(path: str | os.PathLike, reason: str) -> Path:
-    """Move a broken artifact aside (to `<name>.broken`) so Snakemake sees it missing and remakes it."""
-    path = Path(path)
-    aside = path.with_name(path.name + ".broken")
-    os.replace(path, aside)
-    return aside
-
-
 def quick_check(path: str | os.PathLike) -> str | None:
     """Why an artifact is incomplete or not ours, from its header and size alone (cheap), or None."""
     path = Path(path)
@@ -181,36 +173,6 @@ def check_digest(path: str | os.PathLike) -> str | None:
     if record.get("data_sha256") != data_digest(stored):
         return "its data does not match the digest recorded when it was written"
     return None
-
-
-def sweep(artifacts: Iterable[tuple[str | os.PathLike, list[str | os.PathLike]]]) -> list[str]:
-    """Quarantine every existing artifact that fails quick_check, with what was made from it.
-
-    artifacts: (artifact, [files made from it]). The files made from a broken artifact are moved
-    to `<name>.stale` (nothing is deleted), so Snakemake remakes the whole chain below it.
-    """
-    moved = []
-    for path, made_from_it in artifacts:
-        path = Path(path)
-        failed = failure_record(path)
-        problem = quick_check(path) if path.is_file() and not failed else None
-        if not (problem or failed):
-            continue
-        if failed:  # holds no data: remove it, so the row is tried again
-            problem = f"records that {failure_words(failed)}"
-            remove(path)
-            aside = None
-        else:
-            aside = quarantine(path, problem)
-        stale = []
-        for later in map(Path, made_from_it):
-            if later.exists():
-                os.replace(later, later.with_name(later.name + ".stale"))
-                stale.append(later.name)
-        also = f" (and set aside {', '.join(stale)} made from it)" if stale else ""
-        where = f"moved it to {aside.name}" if aside else "removed it"
-        moved.append(f"{path} {problem}; {where}{also} and will remake it")
-    return moved
 
 
 def save_artifact(
@@ -266,21 +228,16 @@ def load_artifact(
     if not path.exists():
         raise ArtifactError(f"{path}: missing")
     record = read_record(path)
-    if record.get("stage") == FAILED_STAGE:
-        raise ArtifactError(f"{path}: {failure_words(record)}: {record.get('error')}")
     if record.get("stage") != stage:
         raise ArtifactError(f"{path}: written by stage {record.get('stage')!r}, expected {stage!r}")
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as err:
-        aside = quarantine(path, "broken")
-        raise ArtifactError(f"{path}: broken safetensors file ({err}); moved it to {aside.name}, rerun to remake it") from err
+        raise ArtifactError(f"{path}: broken safetensors file ({err}); {REMAKE_HINT}") from err
     if record.get("data_sha256") != data_digest(stored):
-        aside = quarantine(path, "corrupt")
         raise ArtifactError(
-            f"{path}: corrupt (its data does not match the digest recorded when it was written); "
-            f"moved it to {aside.name}, rerun to remake it"
+            f"{path}: corrupt (its data does not match the digest recorded when it was written); {REMAKE_HINT}"
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, (shape, dtype) in expect.items():
@@ -321,50 +278,3 @@ def check_made_from(path: str | os.PathLike, record: Mapping[str, Any], name: st
         raise ArtifactError(
             f"{path}: was made from a different {name} than {upstream} holds now; rerun to recompute it"
         )
-
-
-def failure_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The failure record at `path` ({failed_stage, row, error}), or None for anything else (cheap:
-    reads a header or a small file, never tensors)."""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            marker = path / FAILURE_FILE
-            return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
-        if path.suffix != ".safetensors" or not path.is_file():
-            return None
-        with open(path, "rb") as f:
-            header_len = struct.unpack("<Q", f.read(8))[0]
-            if header_len > 1024**2:  # a model file, or any artifact with tensors in it
-                return None
-            meta = json.loads(f.read(header_len)).get("__metadata__") or {}
-        record = json.loads(meta.get(META_KEY, "{}"))
-    except (OSError, struct.error, ValueError, AttributeError):
-        return None
-    return record if record.get("stage") == FAILED_STAGE else None
-
-
-def failure_words(record: Mapping[str, Any]) -> str:
-    """"row X failed in <stage>", for messages about a failure record."""
-    return f"row {record.get('row')} failed in {record.get('failed_stage')}"
-
-
-def remove(path: str | os.PathLike) -> None:
-    """Delete a file, or a folder with what it holds."""
-    path = Path(path)
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def write_failure(path: str | os.PathLike, failed_stage: str, row: str, error: str) -> None:
-    """Leave a failure record at a row's output: a tensor-less artifact, or a folder holding FAILED.json
-    when the output is a folder (frames)."""
-    path = Path(path)
-    record = {"stage": FAILED_STAGE, "failed_stage": failed_stage, "row": row, "error": error}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        with atomic_path(path) as tmp:
-            save_file({}, str(tmp), metadata={META_KEY: json.dumps(record, sort_keys=True)})
-    else:
-        with atomic_dir(path) as tmp:
-            (tmp / FAILURE_FILE).write_text(json.dumps(record, sort_keys=True), encoding="utf-8")

@@ -5,8 +5,8 @@ rebuilt at any time: by the Snakefile's end-of-run handlers (also after --keep-g
 by the gallery, and by `turbowan status`. Nothing here needs Snakemake.
 
 A stage is `done` when its output exists, `failed` when its log ends in an error (the output of a
-failed job is removed by Snakemake) or its output is a group job's failure record for this stage,
-and `missing` otherwise (not run yet, or skipped because an upstream stage failed).
+failed job is removed by Snakemake), and `missing` otherwise (not run yet, or skipped because an
+upstream stage failed).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from ..files.artifacts import atomic_path, failure_record
+from ..files.artifacts import atomic_path
+from ..layout import STAGES, Layout
 
-STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode", "encode_video")
 DONE, FAILED, MISSING = "done", "failed", "missing"
 SUMMARY_NAME = "summary.csv"
 ERROR_WORDS = 160  # characters of an error message kept in the table
@@ -53,24 +53,16 @@ def stage_key(row: RowLike, stage: str) -> str:
 
 
 def stage_output(results: str | Path, row: RowLike, stage: str) -> Path:
-    results = Path(results)
-    outputs = {
-        "encode_prompt": results / "prompts" / row.prompt_key / "text.safetensors",
-        "encode_image": results / row.id / "cond.safetensors",
-        "sample_high": results / row.id / "boundary.safetensors",
-        "sample_low": results / row.id / "latent.safetensors",
-        "decode": results / row.id / "frames",
-        "encode_video": results / row.id / "video.mp4",
-    }
-    return outputs[stage]
+    layout = Layout(str(results))
+    return Path(layout.text(row.prompt_key) if stage == "encode_prompt" else layout.artifact(stage, row.id))
 
 
 def log_file(results: str | Path, rule: str, key: str) -> Path:
-    return Path(results) / "logs" / rule / f"{key}.log"
+    return Path(Layout(str(results)).log(rule, key))
 
 
 def benchmark_file(results: str | Path, rule: str, key: str) -> Path:
-    return Path(results) / "benchmarks" / rule / f"{key}.tsv"
+    return Path(Layout(str(results)).benchmark(rule, key))
 
 
 def last_error(log_text: str) -> str | None:
@@ -109,17 +101,6 @@ def stage_status(results: str | Path, row: RowLike, stage: str) -> StageStatus:
     log = log_file(results, stage, key)
     if log.is_file():
         log_text = log.read_text(encoding="utf-8", errors="replace")
-    failed = failure_record(output)
-    if failed:  # a group job left a record for this row: failed here, or skipped after an earlier failure
-        if failed["failed_stage"] == stage:
-            error = last_error(log_text) or failed["error"]
-            match = _FAILED_AFTER.search(log_text)
-            return StageStatus(FAILED, float(match[1]) if match else None, error, str(output))
-        return StageStatus(MISSING, None, None, str(output))
-    if stage == "encode_video" and not output.exists() and failure_record(stage_output(results, row, "decode")):
-        # A per-row job that was handed an earlier stage's failure record fails on purpose, with
-        # that stage's error ("row X failed in sample_low: ..."): skipped, not a second failure.
-        return StageStatus(MISSING, None, None, str(output))
     exists = output.exists()
     if stage == "decode" and not exists:
         # Frames are temporary: once the mp4 is made from them Snakemake deletes them.
