@@ -1,6 +1,6 @@
 # TurboWan batch: a sheet of (image, prompt) rows in, one mp4 per row out.
-# Stages: encode_prompt, encode_image -> sample_high -> sample_low -> decode -> encode_video,
-# then a contact sheet and preview per video, and the gallery for `snakemake --report report.zip`.
+# Stages, one job per row: encode_prompt, encode_image -> sample_high -> sample_low -> decode ->
+# encode_video, then pictures per video and the gallery for `snakemake --report report.zip`.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -25,25 +25,17 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        all_videos(),
-        GALLERY,
+        [LAYOUT.video(row_id) for row_id in ROWS],
+        LAYOUT.gallery,
     default_target: True
 
 
-# The fork server of a local run (rules/common.smk), stopped by both handlers below.
-onstart:
-    start_fork_server()
-
-
-# <results>/summary.csv after every run that ran jobs, also when some failed (--keep-going).
-# A failed row keeps the gallery rule from running, so the handler builds the gallery itself.
+# <results>/summary.csv after every run that ran jobs, also when some failed (--keep-going). A failed
+# row keeps the gallery rule from running, so the error handler builds the gallery from what exists.
 onsuccess:
-    forkserver.stop()
-    write_summary(RESULTS, ROWS.values())
-    clean_store()
+    write_summary(LAYOUT.results, ROWS.values())
 
 
 onerror:
-    forkserver.stop()
-    write_summary(RESULTS, ROWS.values())
-    build_gallery(GALLERY, ROWS.values(), BatchInfo(**GALLERY_INFO))
+    write_summary(LAYOUT.results, ROWS.values())
+    build_gallery(LAYOUT.gallery, ROWS.values(), batch_info(config))

@@ -1,60 +1,63 @@
-# Conditioning: each prompt's umT5 embedding (shared by identical prompts) and each image's y.
-# One job per group (common.smk, "Groups"); the rules are made in a loop, one per group.
+# Conditioning: each prompt's umT5 embedding (shared by rows with the same prompt) and each row's y.
+from turbowan.files.prompts import write_prompt  # noqa: E402
 
 
-for group, keys in PROMPT_GROUPS.items():
-
-    rule:
-        name:
-            f"encode_prompt_{group}"
-        input:
-            text_encoder=MODEL_INPUTS["text_encoder"],
-            tokenizer=MODEL_INPUTS["tokenizer"],
-        output:
-            [text_path(key) for key in keys],
-        params:
-            rows=[{"key": key, "prompt": PROMPTS[key], "out": text_path(key)} for key in keys],
-            device=config["device"],
-            dtype=config["dtype"],
-            store=STORE,
-        log:
-            log_path("encode_prompt", group),
-        benchmark:
-            benchmark_path("encode_prompt", group)
-        resources:
-            **group_resources("encode_prompt", len(keys)),
-        conda:
-            "../envs/turbowan.yaml"
-        script:
-            "../scripts/encode_prompt.py"
+# The prompt's text, written from the sheet into the results folder: jobs read it from there, so
+# the sheet's free text never travels as a job parameter (parameters appear in reports and logs).
+rule write_prompt:
+    output:
+        LAYOUT.prompt("{prompt_key}"),
+    log:
+        LAYOUT.log("write_prompt", "{prompt_key}"),
+    priority: wave_priority("write_prompt")
+    localrule: True
+    run:
+        write_prompt(output[0], PROMPTS[wildcards.prompt_key])
 
 
-for group, ids in ROW_GROUPS.items():
+rule encode_prompt:
+    input:
+        prompt=LAYOUT.prompt("{prompt_key}"),
+        text_encoder=MODEL_INPUTS["text_encoder"],
+        tokenizer=MODEL_INPUTS["tokenizer"],
+    output:
+        LAYOUT.text("{prompt_key}"),
+    params:
+        device=config["device"],
+        dtype=config["dtype"],
+    log:
+        LAYOUT.log("encode_prompt", "{prompt_key}"),
+    benchmark:
+        LAYOUT.benchmark("encode_prompt", "{prompt_key}")
+    priority: wave_priority("encode_prompt")
+    resources:
+        gpu=1,
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/encode_prompt.py"
 
-    rule:
-        name:
-            f"encode_image_{group}"
-        input:
-            images=[ROWS[i].image for i in ids],
-            vae=MODEL_INPUTS["vae"],
-        output:
-            [row_path(i, "cond.safetensors") for i in ids],
-        params:
-            rows=[
-                {"key": i, "image": ROWS[i].image, "video": ROWS[i].video(), "out": row_path(i, "cond.safetensors")}
-                for i in ids
-            ],
-            device=config["device"],
-            vae_dtype=config["vae_dtype"],
-            store=STORE,
-        log:
-            log_path("encode_image", group),
-        benchmark:
-            benchmark_path("encode_image", group)
-        retries: 1
-        resources:
-            **group_resources("encode_image", len(ids)),
-        conda:
-            "../envs/turbowan.yaml"
-        script:
-            "../scripts/encode_image.py"
+
+rule encode_image:
+    input:
+        image=lambda wildcards: row_of(wildcards).image,
+        vae=MODEL_INPUTS["vae"],
+    output:
+        LAYOUT.cond("{id}"),
+    params:
+        video=lambda wildcards: row_of(wildcards).video(),
+        device=config["device"],
+        vae_dtype=config["vae_dtype"],
+    log:
+        LAYOUT.log("encode_image", "{id}"),
+    benchmark:
+        LAYOUT.benchmark("encode_image", "{id}")
+    priority: wave_priority("encode_image")
+    retries: 1
+    resources:
+        gpu=1,
+        frugal=frugal_level,
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/encode_image.py"

@@ -9,7 +9,7 @@ rule make_demo_models:
         text_encoder=DEMO_MODELS["text_encoder"],
         tokenizer=directory(DEMO_MODELS["tokenizer"]),
     params:
-        seed=MODELS.get("demo_seed", 0),
+        seed=config["models"].get("demo_seed", 0),
     log:
         "resources/demo-models/make_demo_models.log",
     conda:
@@ -58,7 +58,7 @@ for _item in MODEL_PLAN.downloads:
             item=_item,
             missing=MODEL_PLAN.downloads,
         log:
-            f"{RESULTS}/logs/download_models/{_item.role}.log",
+            LAYOUT.log("download_models", _item.role),
         localrule: True
         conda:
             "../envs/turbowan.yaml"

@@ -2,38 +2,22 @@
 # reading the mp4, since decoded frames are temporary), one contact sheet for the batch, and the
 # gallery folder that `snakemake --report report.zip` shows. The gallery is also rebuilt by the
 # Snakefile's onerror handler, so a batch with failed rows still gets one (showing their errors).
-from turbowan.report.gallery import BatchInfo, build_gallery  # noqa: E402
+from turbowan.report.batch import batch_info  # noqa: E402
+from turbowan.report.gallery import build_gallery  # noqa: E402
 from turbowan.report.summary import write_summary  # noqa: E402
 
 
 
-# What the gallery shows besides the rows (turbowan.report.gallery.BatchInfo's fields).
-GALLERY_INFO = dict(
-    results=RESULTS,
-    fps=config["video"]["fps"],
-    checkpoints={key: MODELS[key] for key in ("high", "low", "vae", "text_encoder")},
-    attention=f"{config['attention']} (SLA topk {config['sla_topk']})",
-    embed=config["gallery"]["embed"],
-)
-GALLERY = f"{RESULTS}/gallery"
-
-# Each row's file of a name, for rules that gather the whole batch.
-ROW_FILES = {
-    name: expand(f"{RESULTS}/{{id}}/{name}", id=ROWS)
-    for name in ("video.mp4", "preview.gif", "contact_sheet.png")
-}
-
-
 rule previews:
     input:
-        row_dir("video.mp4"),
+        video=LAYOUT.video("{id}"),
+        prompt=lambda wildcards: LAYOUT.prompt(row_of(wildcards).prompt_key),
     output:
-        contact_sheet=row_dir("contact_sheet.png"),
-        animation=row_dir("preview.gif"),
-    params:
-        prompt=lambda wildcards: ROWS[wildcards.id].prompt,
+        contact_sheet=LAYOUT.contact_sheet("{id}"),
+        animation=LAYOUT.preview("{id}"),
     log:
-        log_path("previews"),
+        LAYOUT.log("previews", "{id}"),
+    priority: wave_priority("previews")
     conda:
         "../envs/turbowan.yaml"
     script:
@@ -42,11 +26,11 @@ rule previews:
 
 rule batch_contact_sheet:
     input:
-        ROW_FILES["contact_sheet.png"],
+        [LAYOUT.contact_sheet(row_id) for row_id in ROWS],
     output:
-        f"{RESULTS}/contact_sheet.png",
+        LAYOUT.batch_sheet,
     log:
-        f"{RESULTS}/logs/batch_contact_sheet.log",
+        LAYOUT.log("batch_contact_sheet", "batch"),
     conda:
         "../envs/turbowan.yaml"
     script:
@@ -55,23 +39,19 @@ rule batch_contact_sheet:
 
 rule gallery:
     input:
-        videos=ROW_FILES["video.mp4"],
-        previews=ROW_FILES["preview.gif"],
-        sheets=ROW_FILES["contact_sheet.png"],
-        batch_sheet=f"{RESULTS}/contact_sheet.png",
+        videos=[LAYOUT.video(row_id) for row_id in ROWS],
+        previews=[LAYOUT.preview(row_id) for row_id in ROWS],
+        batch_sheet=LAYOUT.batch_sheet,
         images=[row.image for row in ROWS.values()],
     output:
         report(
-            directory(GALLERY),
+            directory(LAYOUT.gallery),
             htmlindex="index.html",
             caption="../report/gallery.rst",
             category="Batch",
         ),
-    params:
-        rows=[row.as_dict() for row in ROWS.values()],
-        info=GALLERY_INFO,
     log:
-        f"{RESULTS}/logs/gallery.log",
+        LAYOUT.log("gallery", "batch"),
     conda:
         "../envs/turbowan.yaml"
     script:

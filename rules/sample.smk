@@ -1,9 +1,7 @@
-# Sampling, one expert per job: the high-noise steps, then the low-noise steps, one job per group
-# of rows (common.smk, "Groups"). sample_high outranks sample_low so that one GPU runs every
-# group's high steps first.
+# Sampling, one expert per job: the high-noise steps, then the low-noise steps, one job per row.
 
 
-# What both expert stages take from the config (and the store).
+# What both expert stages take from the config.
 EXPERT_PARAMS = {
     "device": config["device"],
     "dtype": config["dtype"],
@@ -11,74 +9,57 @@ EXPERT_PARAMS = {
     "sla_topk": config["sla_topk"],
     "activation_slices": config["activation_slices"],
     "compile": config["compile"],
-    "store": STORE,
 }
 
 
-def sampling_rows(ids, out, also=()):
-    """A group's rows as the sampling stages take them: paths by name (text, cond and the artifacts
-    named in `also`), the row's values, and its output file `out`."""
-    return [
-        {
-            "key": i,
-            "text": text_for_row(i),
-            "cond": row_path(i, "cond.safetensors"),
-            **{name: row_path(i, f"{name}.safetensors") for name in also},
-            "sampling": ROWS[i].sampling(),
-            "video": ROWS[i].video(),
-            "out": row_path(i, out),
-        }
-        for i in ids
-    ]
+def text_of(wildcards):
+    return LAYOUT.text(row_of(wildcards).prompt_key)
 
 
-for group, ids in ROW_GROUPS.items():
+rule sample_high:
+    input:
+        text=text_of,
+        cond=LAYOUT.cond("{id}"),
+        expert=MODEL_INPUTS["high"],
+    output:
+        LAYOUT.boundary("{id}"),
+    params:
+        sampling=lambda wildcards: row_of(wildcards).sampling(),
+        video=lambda wildcards: row_of(wildcards).video(),
+        expert=EXPERT_PARAMS,
+    log:
+        LAYOUT.log("sample_high", "{id}"),
+    benchmark:
+        LAYOUT.benchmark("sample_high", "{id}")
+    priority: wave_priority("sample_high")
+    resources:
+        gpu=1,
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/sample_high.py"
 
-    rule:
-        name:
-            f"sample_high_{group}"
-        input:
-            text=[text_for_row(i) for i in ids],
-            cond=[row_path(i, "cond.safetensors") for i in ids],
-            expert=MODEL_INPUTS["high"],
-        output:
-            [row_path(i, "boundary.safetensors") for i in ids],
-        params:
-            rows=sampling_rows(ids, "boundary.safetensors"),
-            **EXPERT_PARAMS,
-        log:
-            log_path("sample_high", group),
-        benchmark:
-            benchmark_path("sample_high", group)
-        priority: 10
-        resources:
-            **group_resources("sample_high", len(ids)),
-        conda:
-            "../envs/turbowan.yaml"
-        script:
-            "../scripts/sample_high.py"
 
-    rule:
-        name:
-            f"sample_low_{group}"
-        input:
-            text=[text_for_row(i) for i in ids],
-            cond=[row_path(i, "cond.safetensors") for i in ids],
-            boundary=[row_path(i, "boundary.safetensors") for i in ids],
-            expert=MODEL_INPUTS["low"],
-        output:
-            [row_path(i, "latent.safetensors") for i in ids],
-        params:
-            rows=sampling_rows(ids, "latent.safetensors", also=("boundary",)),
-            **EXPERT_PARAMS,
-        log:
-            log_path("sample_low", group),
-        benchmark:
-            benchmark_path("sample_low", group)
-        priority: 5
-        resources:
-            **group_resources("sample_low", len(ids)),
-        conda:
-            "../envs/turbowan.yaml"
-        script:
-            "../scripts/sample_low.py"
+rule sample_low:
+    input:
+        text=text_of,
+        cond=LAYOUT.cond("{id}"),
+        boundary=LAYOUT.boundary("{id}"),
+        expert=MODEL_INPUTS["low"],
+    output:
+        LAYOUT.latent("{id}"),
+    params:
+        sampling=lambda wildcards: row_of(wildcards).sampling(),
+        video=lambda wildcards: row_of(wildcards).video(),
+        expert=EXPERT_PARAMS,
+    log:
+        LAYOUT.log("sample_low", "{id}"),
+    benchmark:
+        LAYOUT.benchmark("sample_low", "{id}")
+    priority: wave_priority("sample_low")
+    resources:
+        gpu=1,
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/sample_low.py"

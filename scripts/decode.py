@@ -1,14 +1,12 @@
-from turbowan.jobs import run_job
+from turbowan.runtime.jobs import model_job
 
-run_job(
-    "decode", snakemake.log[0], "turbowan.stages:decode_latents",
-    gpus=snakemake.resources.get("gpu", 0),
-    rows=snakemake.params.rows,
+model_job(
+    snakemake, "decode", snakemake.wildcards.id,
+    latent=snakemake.input.latent,
     vae=snakemake.input.vae,
+    video=snakemake.params.video,
     device=snakemake.params.device,
     vae_dtype=snakemake.params.vae_dtype,
-    frugal=snakemake.resources.frugal,
-    store=snakemake.params.store,
-    mp4=snakemake.params.mp4,
-    job_log=snakemake.log[0],
+    frugal=bool(snakemake.resources.frugal),
+    row=snakemake.wildcards.id,
 )

@@ -1,7 +1,7 @@
 from turbowan.files.hub import download
-from turbowan.jobs import run_stage
+from turbowan.runtime.jobs import run_cpu_job
 
-run_stage(
+run_cpu_job(
     "download_models", snakemake.log[0], download,
     item=snakemake.params.item,
     still_missing=snakemake.params.missing,

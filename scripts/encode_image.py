@@ -1,13 +1,12 @@
-from turbowan.jobs import run_job
+from turbowan.runtime.jobs import model_job
 
-run_job(
-    "encode_image", snakemake.log[0], "turbowan.stages:encode_images",
-    gpus=snakemake.resources.get("gpu", 0),
-    rows=snakemake.params.rows,
+model_job(
+    snakemake, "encode_image", snakemake.wildcards.id,
+    image=snakemake.input.image,
     vae=snakemake.input.vae,
+    video=snakemake.params.video,
     device=snakemake.params.device,
     vae_dtype=snakemake.params.vae_dtype,
-    frugal=snakemake.resources.frugal,
-    store=snakemake.params.store,
-    job_log=snakemake.log[0],
+    frugal=bool(snakemake.resources.frugal),
+    row=snakemake.wildcards.id,
 )

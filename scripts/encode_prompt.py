@@ -1,13 +1,10 @@
-from turbowan.jobs import run_job
+from turbowan.runtime.jobs import model_job
 
-run_job(
-    "encode_prompt", snakemake.log[0], "turbowan.stages:encode_prompts",
-    gpus=snakemake.resources.get("gpu", 0),
-    rows=snakemake.params.rows,
+model_job(
+    snakemake, "encode_prompt", snakemake.wildcards.prompt_key,
+    prompt_file=snakemake.input.prompt,
     text_encoder=snakemake.input.text_encoder,
     tokenizer=snakemake.input.tokenizer,
     device=snakemake.params.device,
     dtype=snakemake.params.dtype,
-    store=snakemake.params.store,
-    job_log=snakemake.log[0],
 )

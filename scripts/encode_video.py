@@ -1,13 +1,11 @@
-from turbowan.jobs import run_stage
-from turbowan.mp4 import encode_video
+from turbowan.runtime.jobs import run_cpu_job
+from turbowan.stages.video import encode_video
 
-run_stage(
-    "encode_video", snakemake.log[0], encode_video,
+run_cpu_job(
+    "encode_video", snakemake.log[0], encode_video, key=snakemake.wildcards.id,
     frames_dir=snakemake.input.frames,
     out=snakemake.output[0],
     video=snakemake.params.video,
     fps=snakemake.params.fps,
     quality=snakemake.params.quality,
-    key=snakemake.wildcards.id,
-    store=snakemake.params.store,
 )

@@ -1,10 +1,11 @@
-from turbowan.report.gallery import BatchInfo, build_gallery
-from turbowan.jobs import run_stage
-from turbowan.sheet import Row
+from pathlib import Path
 
-run_stage(
-    "gallery", snakemake.log[0], build_gallery,
+from turbowan.report.batch import build_batch_gallery
+from turbowan.runtime.jobs import run_cpu_job
+
+run_cpu_job(
+    "gallery", snakemake.log[0], build_batch_gallery,
+    config=snakemake.config,
+    workflow_dir=Path(snakemake.scriptdir).parent,
     out_dir=snakemake.output[0],
-    rows=[Row(**row) for row in snakemake.params.rows],
-    info=BatchInfo(**snakemake.params.info),
 )

@@ -1,7 +1,7 @@
 from turbowan.demo import make_demo_models
-from turbowan.jobs import run_stage
+from turbowan.runtime.jobs import run_cpu_job
 
-run_stage(
+run_cpu_job(
     "make_demo_models", snakemake.log[0], make_demo_models,
     high=snakemake.output.high,
     low=snakemake.output.low,

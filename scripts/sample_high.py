@@ -1,16 +1,11 @@
-from turbowan.jobs import run_job
+from turbowan.runtime.jobs import model_job
 
-run_job(
-    "sample_high", snakemake.log[0], "turbowan.stages:sample_high_rows",
-    gpus=snakemake.resources.get("gpu", 0),
-    rows=snakemake.params.rows,
+model_job(
+    snakemake, "sample_high", snakemake.wildcards.id,
+    text=snakemake.input.text,
+    cond=snakemake.input.cond,
     expert=snakemake.input.expert,
-    device=snakemake.params.device,
-    dtype=snakemake.params.dtype,
-    attention=snakemake.params.attention,
-    sla_topk=snakemake.params.sla_topk,
-    activation_slices=snakemake.params.activation_slices,
-    compile=snakemake.params.compile,
-    store=snakemake.params.store,
-    job_log=snakemake.log[0],
+    sampling=snakemake.params.sampling,
+    video=snakemake.params.video,
+    **snakemake.params.expert,
 )

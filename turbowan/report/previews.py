@@ -173,8 +173,8 @@ def animated_preview(video: str | Path, out: str | Path, max_side: int = 192, ma
     return out
 
 
-def make_previews(video: str | Path, contact_sheet_out: str | Path, animation_out: str | Path, row_id: str,
-                  prompt: str) -> None:
+def make_previews(video: str | Path, prompt_file: str | Path, contact_sheet_out: str | Path,
+                  animation_out: str | Path, row_id: str) -> None:
     """Both pictures of one row's video (one job: the mp4 is small, a job's start-up is not)."""
-    contact_sheet(video, contact_sheet_out, row_id, prompt)
+    contact_sheet(video, contact_sheet_out, row_id, Path(prompt_file).read_text(encoding="utf-8"))
     animated_preview(video, animation_out)

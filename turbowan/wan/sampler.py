@@ -76,12 +76,17 @@ def run_steps(
     stop: int,
     ode: bool,
     expert_name: str = "",
+    before_step: Callable[[], None] | None = None,
 ) -> SamplerState:
-    """Run steps state.next_step .. stop-1 with one network; returns the advanced state."""
+    """Run steps state.next_step .. stop-1 with one network; returns the advanced state.
+
+    before_step() runs before each step: it may raise to stop the loop there (a cancelled job)."""
     timesteps = timesteps.to(state.x.device)
     x = state.x
     loop_started = time.perf_counter()
     for i in range(state.next_step, stop):
+        if before_step is not None:
+            before_step()
         started = time.perf_counter()
         t_cur, t_next = timesteps[i], timesteps[i + 1]
         v = velocity(x, t_cur)

@@ -1,0 +1,34 @@
+"""encode_prompt: a prompt's text -> its umT5 embedding [1, 512, d_model] (shared by rows with that prompt)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..files.artifacts import save_artifact
+from ..progress import phase
+from ..wan.devices import resolve_device
+from ..wan.text import TEXT_LEN, encode_text
+from . import loading
+from .context import StageContext
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompt(prompt_file: str, text_encoder: str, tokenizer: str, out: str,
+                  device: str = "auto", dtype: str = "bfloat16",
+        *, ctx: StageContext | None = None) -> None:
+    """The prompt is read from a file (the sheet's text never travels as a job parameter)."""
+    ctx = StageContext() if ctx is None else ctx
+    dev = resolve_device(device)
+    prompt = Path(prompt_file).read_text(encoding="utf-8")
+    encoder, tok = loading.text_encoder(ctx, text_encoder, tokenizer, dev, dtype)
+    with phase("encode prompt"):
+        emb, length = encode_text(encoder, tok, prompt, dev)
+    log.info("prompt encoded: %d tokens (of %d), embedding %s", length, TEXT_LEN, list(emb.shape))
+    ctx.check()
+    params = {"text_len": TEXT_LEN, "dtype": dtype, "device_type": dev.type}
+    save_artifact(out, {"text": emb, "length": torch.tensor([length], dtype=torch.int64)}, stage="encode_prompt",
+                  params=params, inputs={"prompt": prompt_file, "text_encoder": text_encoder, "tokenizer": tokenizer})
