@@ -77,21 +77,6 @@ def test_existing_artifact_survives_a_failed_rewrite(tmp_path):
     assert final.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
-def test_sweep_moves_a_broken_artifact_and_what_was_made_from_it(tmp_path):
-    from turbowan.files.artifacts import sweep
-
-    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
-    save(good)
-    save(bad)
-    bad.write_bytes(bad.read_bytes()[:-5])
-    video = tmp_path / "video.mp4"
-    video.write_bytes(b"mp4")
-    messages = sweep([(good, [video]), (bad, [video, tmp_path / "never-made.mp4"])])
-    assert len(messages) == 1 and "bad.safetensors is" in messages[0] and "truncated" in messages[0]
-    assert good.exists() and not bad.exists() and (tmp_path / "bad.safetensors.broken").exists()
-    assert not video.exists() and (tmp_path / "video.mp4.stale").read_bytes() == b"mp4"
-
-
 @pytest.mark.parametrize("damage", [lambda b: b[:4], lambda b: b"\xff" * 8 + b[8:], lambda b: b + b"xx"])
 def test_quick_check_spots_damage_without_reading_the_data(tmp_path, damage):
     from turbowan.files.artifacts import quick_check

@@ -135,24 +135,24 @@ def test_a_job_sees_one_card_by_uuid_so_its_device_is_cuda_0(tmp_path):
     assert assign_gpu("x", env={"TURBOWAN_GPUS": ""}).how == "none"
 
 
-def test_run_stage_logs_the_card_it_took(tmp_path):
+def test_a_model_job_logs_the_card_it_took_and_frees_it(tmp_path):
+    """run_model_job takes a card before anything starts CUDA and says which in the job's log; the
+    stage (here, in the job's own process: worker=False) sees only that card."""
     code = (
-        "import os\n"
-        "from turbowan.jobs import run_stage\n"
-        "def stage(device):\n"
-        "    print('stage sees', os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"
-        f"run_stage('sample_high', {str(tmp_path / 'job.log')!r}, stage, gpus=1, device='auto')\n"
+        "import sys\n"
+        "from turbowan.runtime.jobs import run_model_job\n"
+        f"run_model_job('sample_high', 'row', {str(tmp_path / 'job.log')!r}, {{'device': 'auto'}}, gpus=1,"
+        " worker=False)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TURBOWAN_GPUS": ",".join(CARDS[1:]),
-           "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
+           "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks"), "TURBOWAN_INJECT_FAULT": "sample_high:row"}
     env.pop("SLURM_JOB_ID", None)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert f"stage sees {CARDS[1]}" in proc.stdout
+    assert proc.returncode == 1, proc.stderr  # the injected fault fails the row, after the card was taken
     log = (tmp_path / "job.log").read_text()
     assert f"gpu: card 0 from TURBOWAN_GPUS uuid={CARDS[1]}, locked via {tmp_path / 'locks'}" in log
-    assert "device: cpu" in log  # CPU torch: the fake card is not a CUDA device
+    assert "fault injected by TURBOWAN_INJECT_FAULT for sample_high:row" in log
     # the job has ended, so its card is free again at once
     again = assign_gpu("again", env={"TURBOWAN_GPUS": CARDS[1], "TURBOWAN_GPU_WAIT_S": "0",
                                      "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")})
@@ -160,51 +160,10 @@ def test_run_stage_logs_the_card_it_took(tmp_path):
     again.release()
 
 
-def test_run_job_ends_its_process_once_the_log_is_written(tmp_path):
-    """run_job skips Python's orderly exit (which frees a 14B model piece by piece): atexit handlers
-    do not run, yet the stage's files and the whole log are there and the card is free."""
-    code = (
-        "import atexit, pathlib, sys\n"
-        "from turbowan.jobs import run_job\n"
-        "def stage(device, fail):\n"
-        "    import importlib.util\n"
-        "    print('peft seen:', importlib.util.find_spec('peft') is not None)\n"
-        f"    atexit.register(pathlib.Path({str(tmp_path / 'atexit-ran')!r}).touch)\n"
-        f"    pathlib.Path({str(tmp_path / 'out.txt')!r}).write_text('made')\n"
-        "    if fail:\n"
-        "        raise ValueError('broken on purpose')\n"
-        f"run_job('sample_high', {str(tmp_path / 'job.log')!r}, stage, gpus=1, device='auto', fail=sys.argv[1] == 'fail')\n"
-    )
-    # an installed peft, which diffusers would import; the job hides it (hide_unused_packages)
-    (tmp_path / "site" / "peft").mkdir(parents=True)
-    (tmp_path / "site" / "peft" / "__init__.py").write_text("")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path / "site")]),
-           "TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")}
-    env.pop("SLURM_JOB_ID", None)
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    outside = subprocess.run([sys.executable, "-c", "import peft"], env=env, capture_output=True, timeout=60)
-    assert outside.returncode == 0, outside.stderr
-    proc = subprocess.run([sys.executable, "-c", code, "ok"], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "peft seen: False" in proc.stdout
-    assert (tmp_path / "out.txt").read_text() == "made"
-    assert not (tmp_path / "atexit-ran").exists()
-    assert "sample_high done in" in (tmp_path / "job.log").read_text()
-    again = assign_gpu("again", env={"TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_WAIT_S": "0",
-                                     "TURBOWAN_GPU_LOCK_DIR": str(tmp_path / "locks")})
-    assert again.how == "locked"
-    again.release()
-    # a failing stage fails its job the usual way: a non-zero status, the error in the log
-    proc = subprocess.run([sys.executable, "-c", code, "fail"], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "ValueError: broken on purpose" in proc.stderr
-    assert "sample_high failed after" in (tmp_path / "job.log").read_text()
-    assert (tmp_path / "atexit-ran").exists()
-
-
 def test_the_model_libraries_import_with_the_unused_packages_hidden():
-    """What a model job imports still imports once hide_unused_packages has run."""
+    """What a model stage imports still imports once hide_unused_packages has run."""
     code = (
-        "from turbowan.jobs import hide_unused_packages, UNUSED_PACKAGES\n"
+        "from turbowan.runtime.rows import hide_unused_packages, UNUSED_PACKAGES\n"
         "assert hide_unused_packages() == list(UNUSED_PACKAGES)\n"
         "from diffusers import AutoencoderKLWan, WanTransformer3DModel\n"
         "from transformers import AutoTokenizer, UMT5EncoderModel\n"

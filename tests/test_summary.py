@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from turbowan.files.artifacts import ArtifactError
-from turbowan.jobs import run_stage
+from turbowan.runtime.jobs import run_cpu_job
 from turbowan.report.summary import (
     STAGES, RowRef, benchmark_seconds, build_summary, columns, format_table, last_error, rows_from_summary,
     stage_output, stage_status, write_summary,
@@ -35,18 +35,18 @@ def job_log(results, row, stage):
 
 
 def fail(results, row, stage, error):
-    """Run a stage that raises through run_stage, which writes the job log Snakemake would keep."""
+    """Run a stage that raises through run_cpu_job, which writes the job log Snakemake would keep."""
 
     def broken():
         raise error
 
     with pytest.raises(type(error)):
-        run_stage(stage, str(job_log(results, row, stage)), broken)
+        run_cpu_job(stage, str(job_log(results, row, stage)), broken)
 
 
 @pytest.fixture(autouse=True)
 def restore_logging():
-    """run_stage points the root logger at the job's log file, as a job process wants; undo it."""
+    """run_cpu_job points the root logger at the job's log file, as a job process wants; undo it."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -79,7 +79,7 @@ def test_done_failed_missing_from_real_logs(tmp_path):
 def test_rerun_that_succeeds_clears_the_failure(tmp_path):
     fail(tmp_path, ROW, "encode_image", RuntimeError("out of memory"))
     assert stage_status(tmp_path, ROW, "encode_image").state == "failed"
-    run_stage("encode_image", str(job_log(tmp_path, ROW, "encode_image")), lambda: None)
+    run_cpu_job("encode_image", str(job_log(tmp_path, ROW, "encode_image")), lambda: None)
     finish(tmp_path, ROW, "encode_image")
     status = stage_status(tmp_path, ROW, "encode_image")
     assert status.state == "done" and status.error is None
