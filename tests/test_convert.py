@@ -28,6 +28,33 @@ def test_streamed_file_reads_back_like_save_file(tmp_path):
         assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
 
+def test_the_written_bytes_stay_those_of_earlier_conversions(tmp_path):
+    """The converter keeps its own writer: safetensors' save_file (0.8) orders tensors by dtype, then
+    name, so its file would differ from every checkpoint converted before. The digest is of this
+    writer's output before safetensors 0.8 was required (tensors in name order, compact JSON header
+    padded with spaces to 8 bytes)."""
+    import hashlib
+    import json
+
+    tensors = {
+        "w": (torch.arange(35, dtype=torch.float32) / 7).reshape(7, 5).to(torch.bfloat16),
+        "strided": (torch.arange(24, dtype=torch.float32) - 11.5).reshape(6, 4).t(),
+        "q": (torch.arange(900) % 255 - 127).to(torch.int8).reshape(3, 300),
+        "fp8": (torch.arange(16, dtype=torch.float32) / 4).reshape(4, 4).to(torch.float8_e4m3fn),
+        "i64": torch.arange(3) * 1000,
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+    }
+    path = tmp_path / "golden.safetensors"
+    write_safetensors(tensors, path, metadata={"turbowan": '{"stage": "prepare_models"}'})
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    assert header_len % 8 == 0 and list(json.loads(data[8: 8 + header_len]))[1:] == sorted(tensors)
+    assert len(data) == 1673
+    assert hashlib.sha256(data).hexdigest() == "66a851a71271d4219caad10888a23e26c0f97869f6948485bd9919e711bd8662"
+
+
 def test_wrapped_state_dict_is_unwrapped(demo_models, tmp_path):
     vae = load_file(demo_models["vae"])
     source = tmp_path / "vae.pth"

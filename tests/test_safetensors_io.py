@@ -1,4 +1,8 @@
-"""The plain-read safetensors reader gives safetensors' own tensors without mapping the file."""
+"""CPU reads go through safetensors' pread backend and leave nothing of the file mapped; the GPU
+streaming reader (SafetensorsFile, kept for to_device) gives safetensors' own tensors."""
+
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,18 +42,71 @@ def resident_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def test_reading_a_file_tensor_by_tensor_keeps_only_one_in_memory(tmp_path):
+def mappings_of(path) -> list[str]:
+    """This process's memory mappings of `path` (lines of /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if line.rstrip("\n").endswith(str(path))]
+
+
+def test_a_cpu_read_tensor_by_tensor_keeps_only_one_in_memory(tmp_path):
+    """A model's tensors read onto the CPU (turbowan.wan.models, the pread backend) one at a time:
+    the job's RSS holds the tensor in hand, not the pages of the file read so far."""
+    from turbowan.wan.models import _open_tensors
+
     path = tmp_path / "big.safetensors"
     save_file({f"t{i}": torch.ones(4 * 1024**2) for i in range(24)}, str(path))  # 24 x 16 MB = 384 MB
+    names = [f"t{i}" for i in range(24)]
     before = resident_mb()
     peak = before
-    with SafetensorsFile(path) as f:
-        for name in f.keys():
-            tensor = f.get_tensor(name)
+    with _open_tensors(SimpleNamespace(container="safetensors", path=path), names, torch.device("cpu")) as (_, got):
+        for name, tensor in got:
             assert tensor.sum().item() == 4 * 1024**2
             del tensor
             peak = max(peak, resident_mb())
     assert peak - before < 100, f"RSS grew by {peak - before:.0f} MB reading a 384 MB file"
+
+
+def test_a_cpu_model_load_leaves_nothing_of_the_file_mapped(demo_models, tmp_path):
+    from turbowan.files.formats import inspect_model
+    from turbowan.wan.models import _open_tensors, load_transformer
+
+    path = tmp_path / "expert.safetensors"  # (a path of its own: no other test maps it)
+    shutil.copy(demo_models["high"], path)
+    with safe_open(str(path), "pt") as f:  # what the check would see with safetensors' default backend
+        mapped = f.get_tensor("head.modulation")
+    assert mappings_of(path)
+    del mapped
+    assert not mappings_of(path)
+
+    info = inspect_model(path)
+    names = list(info.index)
+    with _open_tensors(info, names, torch.device("cpu")) as (get, arriving):
+        got = {}
+        for name, tensor in arriving:
+            assert not mappings_of(path), name  # during each read
+            got[name] = tensor
+        assert torch.equal(get("head.modulation"), got["head.modulation"]) and not mappings_of(path)
+    with safe_open(str(path), "pt") as f:
+        assert set(got) == set(f.keys()) and all(torch.equal(got[k], f.get_tensor(k)) for k in f.keys())
+        del f
+    assert not mappings_of(path)
+
+    model = load_transformer(path, torch.device("cpu"))
+    assert not mappings_of(path), "the loaded expert's weights are views of the file"
+    del model
+
+
+def test_a_loaded_artifact_leaves_nothing_of_the_file_mapped(tmp_path):
+    from turbowan.files.artifacts import check_digest, load_artifact, save_artifact
+
+    path = tmp_path / "latent.safetensors"
+    save_artifact(path, {"x": torch.arange(4096, dtype=torch.float32).reshape(64, 64)}, "sample_low", {"seed": 1})
+    tensors, _ = load_artifact(path, "sample_low", {"x": ((64, 64), torch.float32)})
+    assert not mappings_of(path)  # (with the "mmap" backend, the tensor would hold the mapping now)
+    tensors["x"].add_(1)  # memory of its own: writable, and the file is untouched
+    assert check_digest(path) is None and not mappings_of(path)
+    again, _ = load_artifact(path, "sample_low", {"x": ((64, 64), torch.float32)})
+    assert torch.equal(again["x"] + 1, tensors["x"])
 
 
 def test_truncated_and_foreign_files_are_refused(tmp_path):

@@ -166,8 +166,8 @@ def check_digest(path: str | os.PathLike) -> str | None:
         return problem
     try:
         record = read_record(path)
-        with safe_open(str(path), framework="pt") as f:
-            stored = {name: f.get_tensor(name) for name in f.keys()}
+        with safe_open(str(path), framework="pt", backend="pread") as f:  # (leaves nothing mapped)
+            stored = f.get_tensors()
     except (ArtifactError, SafetensorError, OSError) as err:
         return str(err)
     if record.get("data_sha256") != data_digest(stored):
@@ -201,7 +201,7 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """The provenance record of an artifact (without reading its tensors)."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", backend="pread") as f:  # (reads the header only)
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{path}: not a readable safetensors file ({err})") from err
@@ -231,8 +231,10 @@ def load_artifact(
     if record.get("stage") != stage:
         raise ArtifactError(f"{path}: written by stage {record.get('stage')!r}, expected {stage!r}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = {name: f.get_tensor(name) for name in f.keys()}
+        # pread: each tensor is read into memory of its own and nothing of the file stays mapped
+        # (safetensors' default backend, "mmap", gives views of a private mapping of the file)
+        with safe_open(str(path), framework="pt", backend="pread") as f:
+            stored = f.get_tensors()
     except (SafetensorError, OSError) as err:
         raise ArtifactError(f"{path}: broken safetensors file ({err}); {REMAKE_HINT}") from err
     if record.get("data_sha256") != data_digest(stored):

@@ -146,7 +146,8 @@ def read_index(path: str | Path) -> tuple[str, dict[str, TensorInfo]]:
         tensors = load_pth(path)
         return container, {k: TensorInfo(dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
     try:
-        with safe_open(str(path), framework="numpy") as f:  # (headers only: no torch, no data)
+        # (the header only: no torch, no data; pread: the file is not mapped either)
+        with safe_open(str(path), framework="numpy", backend="pread") as f:
             index = {}
             for name in f.keys():
                 piece = f.get_slice(name)

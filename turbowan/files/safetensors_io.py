@@ -1,10 +1,13 @@
-"""Read a safetensors file with plain reads, one tensor at a time.
+"""Stream a safetensors file to a CUDA device through reused pinned buffers (`SafetensorsFile.to_device`).
 
-safetensors' own reader memory-maps the file: every page a job touches stays mapped, so loading a
-28.6 GB expert leaves 28.6 GB in the job's resident memory until the file is closed. Reading each
-tensor with pread keeps only the tensors in flight in host memory. To a GPU they go through a few
-reused pinned buffers, many tensors a read, read ahead by threads while the GPU copies
-(`SafetensorsFile.to_device`).
+Everything else reads safetensors with safetensors itself (>= 0.8): on the CPU with
+`safe_open(..., backend="pread")`, which reads each tensor with pread(2) into memory of its own and
+leaves nothing of the file mapped (the default "mmap" backend keeps every page a job touched in its
+RSS until the file is closed: 28.6 GB for an A14B expert). This module stays for the GPU path only,
+until a GPU benchmark measures it against the library (safe_open(..., device="cuda", backend=
+"pread")): reader threads pread runs of the file, many tensors a read, into a few reused pinned
+buffers while the GPU copies the previous ones, so host memory stays at those buffers (1 GB)
+however large the file.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def release_pinned_cache() -> None:
 
 
 class SafetensorsFile:
-    """`get_tensor(name)` -> a CPU tensor of its own (not a view of a memory map)."""
+    """A safetensors file opened for `to_device` (and `get_tensor`, a CPU tensor of its own, for what
+    a CUDA load needs besides the stream: a tensor larger than a slab, an fp8 scale)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -73,18 +77,10 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def nbytes(self, name: str) -> int:
-        start, end = self.entries[name]["data_offsets"]
-        return end - start
-
-    def read_into(self, name: str, buffer: torch.Tensor) -> torch.Tensor:
-        """Read a tensor's bytes into the front of a uint8 CPU `buffer`; returns it typed and shaped."""
+    def get_tensor(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        return self._typed(self._read_range(start, end, buffer), entry)
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self.read_into(name, torch.empty(self.nbytes(name), dtype=torch.uint8))
+        return self._typed(self._read_range(start, end, torch.empty(end - start, dtype=torch.uint8)), entry)
 
     def to_device(
         self, names: list[str], device: torch.device, slab_bytes: int = SLAB_BYTES, slabs: int = SLABS

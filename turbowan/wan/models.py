@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
 
 from .attention import install_attention, resolve_attention
 from ..files.formats import (
@@ -58,18 +59,28 @@ def _inspect(path: Path, kind: str) -> ModelInfo:
 
 
 @contextmanager
-def _open_tensors(info: ModelInfo) -> Iterator[Callable[[str], torch.Tensor] | SafetensorsFile]:
-    """A SafetensorsFile (plain reads, no whole-file memory map in the job's RSS), or for a .pth
-    get(file key) -> CPU tensor from its memory map."""
+def _open_tensors(
+    info: ModelInfo, names: list[str], device: torch.device
+) -> Iterator[tuple[Callable[[str], torch.Tensor], Iterator[tuple[str, torch.Tensor]]]]:
+    """(get, arriving): get(file key) -> a CPU tensor; arriving yields (file key, tensor) for each of
+    `names`. A .pth: from its memory map. A safetensors file to a CUDA device: SafetensorsFile's
+    pinned read-ahead (tensors arrive on the device, in the file's order); elsewhere (the CPU):
+    safetensors' own reader with the pread backend, in the file's order (each tensor in memory of
+    its own, nothing of the file left mapped)."""
     if info.container == "pth":
         tensors = load_pth(info.path)
-        yield tensors.__getitem__
+        yield tensors.__getitem__, ((key, tensors[key]) for key in names)
         del tensors
         return
     try:
-        with SafetensorsFile(info.path) as f:
-            yield f
-    except SafetensorsFormatError as err:
+        if device.type == "cuda":
+            with SafetensorsFile(info.path) as f:
+                yield f.get_tensor, f.to_device(names, device)
+        else:
+            with safe_open(str(info.path), framework="pt", backend="pread") as f:
+                order = {key: i for i, key in enumerate(f.offset_keys())}
+                yield f.get_tensor, ((key, f.get_tensor(key)) for key in sorted(set(names), key=order.__getitem__))
+    except (SafetensorsFormatError, SafetensorError) as err:
         raise CheckpointError(f"{info.path}: broken safetensors file ({err})") from err
 
 
@@ -88,13 +99,7 @@ def _stream_state_dict(
     new_keys: dict[str, list[str]] = {}  # file key -> the module keys it fills
     for new_key, file_key in table.items():
         new_keys.setdefault(file_key, []).append(new_key)
-    with _open_tensors(info) as source:
-        if isinstance(source, SafetensorsFile):
-            get = source.get_tensor
-            arriving = source.to_device(list(new_keys), device)  # (in the file's order)
-        else:
-            get = source
-            arriving = ((key, get(key)) for key in new_keys)
+    with _open_tensors(info, list(new_keys), device) as (get, arriving):
         for file_key, tensor in arriving:
             if stop is not None and stop.is_set():
                 break
