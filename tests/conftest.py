@@ -132,9 +132,7 @@ def snakemake(folder: Path, *args, check=True, extra_env=None):
 def file_ids(folder: Path) -> dict[str, int]:
     """Which file every stage artifact and video is (its inode; not the pictures, summary and gallery).
 
-    A remade artifact is a new file. One that a rerun group job linked again from the store is the
-    same file, though its mtime changed (Snakemake touches every output of a job that ran).
-    """
+    A remade artifact is a new file (written beside and renamed into place)."""
     return {str(p.relative_to(folder)): p.stat().st_ino
             for p in (folder / "results").rglob("*") if p.is_file() and "logs" not in p.parts
             and "benchmarks" not in p.parts and "gallery" not in p.parts and p.suffix in (".safetensors", ".mp4")}
@@ -151,5 +149,21 @@ def finished(tmp_path_factory):
 @pytest.fixture
 def batch(finished, tmp_path):
     copy = tmp_path / "batch"
-    subprocess.run(["cp", "-a", str(finished), str(copy)], check=True)  # -a: artifacts stay the store's files
+    subprocess.run(["cp", "-a", str(finished), str(copy)], check=True)  # -a: times kept, so nothing looks newer
     return copy
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every file and folder under <folder>/results: kind, size, mtime, inode (what any change alters)."""
+    results = folder / "results"
+    if not results.exists():
+        return {}
+    return {str(p.relative_to(results)): (p.is_dir(), p.lstat().st_size if p.is_file() else 0, p.lstat().st_mtime_ns,
+                                          p.lstat().st_ino) for p in sorted(results.rglob("*"))}
+
+
+def jobs_run(output: str) -> list[str]:
+    """The rules of the jobs a Snakemake run started, in order, from its output."""
+    import re
+
+    return re.findall(r"^(?:local)?rule (\w+):$", output, re.M)

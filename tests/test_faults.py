@@ -12,11 +12,12 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from turbowan import stages
-from turbowan.files.artifacts import failure_record, load_artifact
+from turbowan.stages.conditioning import encode_image
+from turbowan.stages.prompt import encode_prompt
+from turbowan.files.artifacts import load_artifact
 from turbowan.sheet import SheetError, check_defaults
 
-from .conftest import BIN, REPO, make_workdir, file_ids, snakemake, write_image
+from .conftest import BIN, REPO, file_ids, jobs_run, make_workdir, snakemake, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -37,108 +38,101 @@ def finished_files(folder: Path) -> dict[str, tuple[int, bytes]]:
     }
 
 
-def test_sigkill_inside_a_group_loses_only_the_row_in_flight(tmp_path):
-    folder = make_workdir(tmp_path, THREE_ROWS)  # default batch_rows: one job per stage serves r1, r2, r3
+def test_sigkill_of_a_run_loses_only_the_row_in_flight(tmp_path):
+    folder = make_workdir(tmp_path, THREE_ROWS)
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(folder), "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
     cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--cores", "1",
            "--resources", "gpu=1", "--configfile", str(folder / "config.yaml")]
-    # r1's low steps are done and linked, r2's have just started: the job kills its process group
-    # (Snakemake's too, like a node that died)
+    # r1's low steps are done (its wave's high steps first, then the low steps in sheet order), r2's
+    # have just started: the job kills its process group (Snakemake's too, like a node that died)
     env["TURBOWAN_INJECT_FAULT"] = "sample_low:r2:kill"
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                           start_new_session=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
-    group_log = folder / "results" / "logs" / "sample_low" / "r1~r3.log"
-    assert "row r2 (2/3): sample_low" in group_log.read_text()
+    assert "sample_low of r2" in (folder / "results" / "logs" / "sample_low" / "r2.log").read_text()
     before = finished_files(folder)
-    assert "results/r1/latent.safetensors" in before
-    from turbowan.files.artifacts import quick_check
+    assert "results/r1/latent.safetensors" in before and "results/r2/latent.safetensors" not in before
+    from turbowan.files.artifacts import check_digest
 
-    assert all(quick_check(folder / name) is None for name in before if name.endswith(".safetensors"))
+    assert all(check_digest(folder / name) is None for name in before if name.endswith(".safetensors"))
 
     # the documented resume: unlock, then rerun what was incomplete
     snakemake(folder, "--unlock")
-    snakemake(folder, "--rerun-incomplete")
+    out = snakemake(folder, "--rerun-incomplete")
     after = finished_files(folder)
     for name, (inode, data) in before.items():
         assert after[name] == (inode, data), f"{name} was recomputed or changed"
-    resumed = group_log.read_text()
-    assert "row r1 (1/3): sample_low reused from the store" in resumed and "row r2: sample_low done" in resumed
+    ran = jobs_run(out.stdout + out.stderr)
+    assert ran.count("sample_low") == 2 and "sample_high" not in ran  # r2's and r3's
     for row in ("r1", "r2", "r3"):
         assert (folder / "results" / row / "video.mp4").is_file()
 
 
-def test_truncated_boundary_is_detected_and_only_its_row_recomputed(batch):
-    folder = batch  # the session's finished 2-row batch, copied
-    before = file_ids(folder)
+def test_a_reader_names_a_truncated_artifact_and_check_repair_remakes_its_row(batch):
+    """Nothing moves files behind Snakemake's back: the job that reads a damaged artifact fails naming
+    it; `turbowan check` finds it, `--repair` removes it and what was made from it; a rerun remakes
+    exactly that, to the same bytes."""
+    folder = batch
     boundary = folder / "results" / "face" / "boundary.safetensors"
     data, mtime = boundary.read_bytes(), boundary.stat().st_mtime_ns
-    boundary.write_bytes(data[: len(data) - 100])  # (the store's copy too: it is the same file)
+    boundary.write_bytes(data[: len(data) - 100])
     os.utime(boundary, ns=(mtime, mtime))  # same mtime: Snakemake can't tell
-    snakemake(folder, "-n")  # a dry run only looks: nothing is moved
-    assert boundary.stat().st_size == len(data) - 100 and not boundary.with_name(boundary.name + ".broken").exists()
+    (folder / "results" / "face" / "latent.safetensors").unlink()  # so the reader of the boundary runs
+    out = snakemake(folder, "--keep-going", check=False)
+    assert out.returncode != 0
+    assert "face/boundary.safetensors" in (folder / "results" / "logs" / "sample_low" / "face.log").read_text()
+    config = ["--configfile", str(folder / "config.yaml")]
+    check = subprocess.run([str(BIN / "turbowan"), "check", *config], cwd=folder, capture_output=True, text=True)
+    assert check.returncode == 1 and "results/face/boundary.safetensors" in check.stdout, check.stdout + check.stderr
+    assert boundary.exists()  # a check only looks
+    before = file_ids(folder)
+    repair = subprocess.run([str(BIN / "turbowan"), "check", "--repair", *config], cwd=folder, capture_output=True,
+                            text=True)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert not boundary.exists() and "results/face/boundary.safetensors" in repair.stdout
     out = snakemake(folder)
-    assert "face/boundary.safetensors is" in out.stderr and "will remake it" in out.stderr
+    ran = jobs_run(out.stdout + out.stderr)
+    assert ran.count("sample_high") == 1 and "encode_image" not in ran
+    assert boundary.read_bytes() == data
     after = file_ids(folder)
-    changed = {k for k in before if after.get(k) != before[k]}
-    # remade (the store's copy was the same broken file), to the same bytes: the later stages of the
-    # row find their results in the store, under keys that hash the boundary's contents
-    assert changed == {"results/face/boundary.safetensors"}
-    assert (folder / "results" / "face" / "boundary.safetensors").read_bytes() == data
-    assert "sample_high_boat~face" in out.stdout + out.stderr and "sample_low_boat~face" in out.stdout + out.stderr
-    assert "computing it again" in (folder / "results" / "logs" / "sample_high" / "face.log").read_text()
-    assert (folder / "results" / "face" / "boundary.safetensors.broken").is_file()
+    assert {k for k in before if k in after and after[k] != before[k]} == set()  # boat's files untouched
+    assert all(after[k] == before[k] for k in before if k.startswith("results/boat/"))
 
 
 def test_corrupt_bytes_inside_an_artifact_are_caught_by_its_reader(tmp_path, demo_models):
     text = tmp_path / "text.safetensors"
-    stages.encode_prompt("a cat", demo_models["text_encoder"], demo_models["tokenizer"], str(text), "cpu")
+    (tmp_path / "prompt.txt").write_text("a cat")
+    encode_prompt(str(tmp_path / "prompt.txt"), demo_models["text_encoder"], demo_models["tokenizer"], str(text), "cpu")
     data = bytearray(text.read_bytes())
     data[-7] ^= 0xFF  # flip bits inside the tensor data; the header stays valid
     text.write_bytes(bytes(data))
-    with pytest.raises(Exception, match="corrupt .*moved it to text.safetensors.broken"):
+    with pytest.raises(Exception, match="text.safetensors: corrupt .*turbowan check --repair"):
         load_artifact(text, "encode_prompt", {"text": (None, torch.bfloat16)})
-    assert not text.exists() and (tmp_path / "text.safetensors.broken").exists()
+    assert text.exists()  # a reader never moves files: `turbowan check --repair` does, when asked
 
 
-def test_one_failing_row_does_not_stop_the_rest_of_its_group(tmp_path):
-    folder = make_workdir(tmp_path, THREE_ROWS)  # one group of three
-    env_fault = {"TURBOWAN_INJECT_FAULT": "sample_low:r2"}
-    out = snakemake(folder, "--keep-going", check=False, extra_env=env_fault)
-    assert out.returncode != 0
+def test_a_failing_row_fails_its_job_and_the_others_finish(tmp_path):
+    folder = make_workdir(tmp_path, THREE_ROWS)
+    out = snakemake(folder, "--keep-going", check=False, extra_env={"TURBOWAN_INJECT_FAULT": "sample_high:r2"})
+    assert out.returncode != 0 and "Error in rule sample_high" in out.stdout + out.stderr
     results = folder / "results"
-    assert "fault injected" in (results / "logs" / "sample_low" / "r2.log").read_text()
+    assert "fault injected" in (results / "logs" / "sample_high" / "r2.log").read_text()
     assert (results / "r1" / "video.mp4").is_file() and (results / "r3" / "video.mp4").is_file()
-    record = failure_record(results / "r2" / "latent.safetensors")  # what the group left for r2
-    assert record["failed_stage"] == "sample_low" and "fault injected" in record["error"]
-    assert not (results / "r2" / "video.mp4").exists()
-    assert "row r2 failed in sample_low" in (results / "logs" / "encode_video" / "r2.log").read_text()
+    for name in ("boundary.safetensors", "latent.safetensors", "frames", "video.mp4"):
+        assert not (results / "r2" / name).exists()  # a failed job: no file at its artifact paths
     import csv
 
     with open(results / "summary.csv", newline="", encoding="utf-8") as f:
         summary = {line["id"]: line for line in csv.DictReader(f)}
-    assert summary["r2"]["state"] == "failed" and summary["r2"]["failed_stage"] == "sample_low"
+    assert summary["r2"]["state"] == "failed" and summary["r2"]["failed_stage"] == "sample_high"
     assert "fault injected" in summary["r2"]["error"]
     assert summary["r1"]["state"] == summary["r3"]["state"] == "done"
     before = file_ids(folder)
-    out = snakemake(folder)  # the fault is gone: the record is removed and only r2 is computed
-    assert "r2/latent.safetensors records that row r2 failed in sample_low" in out.stderr
+    out = snakemake(folder)  # the fault is gone: only r2 is computed
     after = file_ids(folder)
-    assert {k for k in before if after[k] != before[k]} == {"results/r2/latent.safetensors"}
-    assert set(after) - set(before) == {"results/r2/video.mp4"}
-    assert failure_record(results / "r2" / "latent.safetensors") is None
-
-
-def test_with_one_row_per_group_a_failing_row_fails_its_job(tmp_path):
-    folder = make_workdir(tmp_path, THREE_ROWS)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    config["batch_rows"] = 1
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    out = snakemake(folder, "--keep-going", check=False, extra_env={"TURBOWAN_INJECT_FAULT": "sample_low:r2"})
-    assert out.returncode != 0 and "Error in rule sample_low_r2" in out.stdout + out.stderr
-    results = folder / "results"
-    assert not (results / "r2" / "latent.safetensors").exists()  # a plain failed job: no output at all
-    assert (results / "r1" / "video.mp4").is_file() and (results / "r3" / "video.mp4").is_file()
+    assert {k for k in before if after[k] != before[k]} == set()
+    assert set(after) - set(before) == {f"results/r2/{n}" for n in ("boundary.safetensors", "latent.safetensors",
+                                                                    "video.mp4")}
 
 
 def test_disk_full_while_writing_leaves_nothing_and_rerun_completes(tmp_path, demo_models, monkeypatch):
@@ -154,10 +148,10 @@ def test_disk_full_while_writing_leaves_nothing_and_rerun_completes(tmp_path, de
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # what save_artifact calls
     with pytest.raises(OSError, match="No space left"):
-        stages.encode_image(str(tmp_path / "a.png"), demo_models["vae"], str(out), video, "cpu")
+        encode_image(str(tmp_path / "a.png"), demo_models["vae"], str(out), video, "cpu")
     assert list((tmp_path / "row").iterdir()) == []
     monkeypatch.undo()
-    stages.encode_image(str(tmp_path / "a.png"), demo_models["vae"], str(out), video, "cpu")
+    encode_image(str(tmp_path / "a.png"), demo_models["vae"], str(out), video, "cpu")
     load_artifact(out, "encode_image", {"y": ((1, 20, 2, 4, 4), torch.bfloat16)}, params=video)
 
 

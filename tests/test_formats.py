@@ -206,7 +206,7 @@ def test_the_snakefile_checks_safetensors_model_files_without_torch(layouts):
                                               "t5-hf.safetensors")}
     code = (
         "import sys\n"
-        "import turbowan.files.artifacts, turbowan.batch, turbowan.report.gallery, turbowan.files.modelfiles, turbowan.sheet\n"
+        "import turbowan.files.artifacts, turbowan.layout, turbowan.report.gallery, turbowan.files.modelfiles, turbowan.sheet\n"
         "import turbowan.report.summary  # what rules/*.smk import\n"
         "from turbowan.files.formats import inspect_model\n"
         f"for path in {list(files.values())!r}:\n"

@@ -1,6 +1,12 @@
-"""End to end: Snakemake on a small sheet in a temporary folder, with the demo's tiny models."""
+"""End to end: Snakemake on a small sheet in a temporary folder, with the demo's tiny models.
 
+One job per row and stage in static rules; model stages served by a resident worker per card."""
+
+import os
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -8,12 +14,16 @@ import yaml
 
 from turbowan.files.video import probe
 
-from .conftest import SHEET, alive, make_workdir, file_ids, snakemake
+from .conftest import REPO, SHEET, alive, file_ids, jobs_run, make_workdir, snakemake, snakemake_command, snapshot
 
 pytestmark = pytest.mark.slow
 
+STATIC_RULES = {"all", "write_prompt", "encode_prompt", "encode_image", "sample_high", "sample_low", "decode",
+                "encode_video", "previews", "batch_contact_sheet", "gallery", "make_demo_models", "prepare_models",
+                "download_models"}
 
-def test_every_row_gets_its_video(finished):
+
+def test_every_row_gets_its_video_from_one_job_per_row_and_stage(finished):
     results = finished / "results"
     assert probe(results / "boat" / "video.mp4") == {"frames": 9, "width": 48, "height": 32, "fps": 16.0}
     assert probe(results / "face" / "video.mp4") == {"frames": 5, "width": 32, "height": 48, "fps": 16.0}
@@ -22,54 +32,30 @@ def test_every_row_gets_its_video(finished):
             assert (results / row / f"{name}.safetensors").is_file()
         assert not (results / row / "frames").exists()  # temporary by default
         for rule in ("encode_image", "sample_high", "sample_low", "decode", "encode_video"):
-            assert (results / "logs" / rule / f"{row}.log").stat().st_size > 0  # each row's own log
-    # one job per stage served both rows (default batch_rows): its log and benchmark are the group's
-    for rule in ("encode_image", "sample_high", "sample_low", "decode"):
-        assert (results / "benchmarks" / rule / "boat~face.tsv").is_file()
-        log = (results / "logs" / rule / "boat~face.log").read_text()
-        assert "row boat (1/2)" in log and "row face (2/2)" in log
-    assert (results / "benchmarks" / "encode_video" / "boat.tsv").is_file()
-    # the decode job made boat's mp4 while it decoded face; face, its group's last row, got its own job's
-    assert "made ahead" in (results / "logs" / "decode" / "boat~face.log").read_text()
-    assert "encode_video reused from the store" in (results / "logs" / "encode_video" / "boat.log").read_text()
-    assert "wrote" in (results / "logs" / "encode_video" / "face.log").read_text()
-    # each artifact is the store's file, linked (one inode, no second copy)
-    boundary = results / "boat" / "boundary.safetensors"
-    assert boundary.stat().st_nlink == 2
+            log = (results / "logs" / rule / f"{row}.log").read_text()
+            assert f"{rule} done in" in log
+            assert (results / "benchmarks" / rule / f"{row}.tsv").is_file()
+            if rule != "encode_video":  # the model stages ran in the worker, which sent back the row's log
+                assert f"{rule} of {row} in worker pid" in log
     assert len(list((results / "prompts").iterdir())) == 2
     assert not list(results.rglob("*.partial"))
-    # every model job ran in a worker of the run's fork server, which Snakemake's end stopped
-    for rule in ("encode_image", "sample_high", "sample_low", "decode"):
-        assert ", a worker of the fork server (pid " in (results / "logs" / rule / "boat~face.log").read_text()
-    server_log = (results / "logs" / "fork_server.log").read_text()
-    assert server_log.count("runs in worker") == 5 and "refused" not in server_log
-    server_pid = int(re.search(r"serving \S+ \(pid (\d+)\)", server_log)[1])
-    assert not alive(server_pid)
+    # The worker kept its models: each expert was loaded for the first of the two rows only.
+    for rule in ("sample_high", "sample_low"):
+        loads = [(results / "logs" / rule / f"{row}.log").read_text().count("loading expert") for row in ("boat", "face")]
+        assert sorted(loads) == [0, 1], (rule, loads)
+    # ... and it ended with Snakemake: nothing of ours is left running.
+    pids = {int(m) for log in (results / "logs").rglob("*.log")
+            for m in re.findall(r"in worker pid (\d+)", log.read_text())}
+    assert len(pids) == 1
+    deadline = time.monotonic() + 30
+    while alive(next(iter(pids))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(next(iter(pids)))
 
 
-def test_model_jobs_that_import_their_own_make_the_same_artifacts(finished, tmp_path):
-    """fork_server: false, every model job in its own process: bit for bit what the workers made."""
-    from safetensors.torch import load_file
-
-    folder = make_workdir(tmp_path)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    config["fork_server"] = False
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(folder)
-    results = folder / "results"
-    assert not (results / "logs" / "fork_server.log").exists()
-    assert "(pid " in (log := (results / "logs" / "sample_high" / "boat~face.log").read_text())
-    assert "own imports: no fork server" in log
-    made = sorted(p.relative_to(results) for p in results.rglob("*.safetensors") if ".store" not in p.parts)
-    assert made == sorted(p.relative_to(finished / "results") for p in (finished / "results").rglob("*.safetensors")
-                          if ".store" not in p.parts)
-    assert len(made) == 8  # 2 text embeddings; cond, boundary and latent of each row
-    for name in made:
-        ours, theirs = load_file(results / name), load_file(finished / "results" / name)
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            assert ours[key].dtype == theirs[key].dtype
-            assert torch.equal(ours[key].contiguous().view(torch.uint8), theirs[key].contiguous().view(torch.uint8)), (name, key)
+def test_rules_are_static_and_named_after_stages(finished):
+    out = snakemake(finished, "--list-rules")
+    assert set(out.stdout.split()) == STATIC_RULES
 
 
 def test_second_run_does_nothing(batch):
@@ -77,6 +63,42 @@ def test_second_run_does_nothing(batch):
     out = snakemake(batch)
     assert "Nothing to be done" in out.stdout + out.stderr
     assert file_ids(batch) == before
+
+
+def test_commands_that_only_look_change_nothing_also_with_a_damaged_artifact(batch):
+    boundary = batch / "results" / "face" / "boundary.safetensors"
+    data, mtime = boundary.read_bytes(), boundary.stat().st_mtime_ns
+    boundary.write_bytes(data[:-100])  # truncated, same mtime: Snakemake can't tell
+    os.utime(boundary, ns=(mtime, mtime))
+    before = snapshot(batch)
+    for args in (["-n"], ["-S"], ["-D"], ["--list-changes", "params"], ["--list-changes", "input"], ["--dag"],
+                 ["--report", str(batch / "report.zip")]):
+        snakemake(batch, *args)
+        assert snapshot(batch) == before, args
+    assert (batch / "report.zip").is_file()
+
+
+def test_forcing_sample_high_writes_new_boundaries_and_keeps_cond(batch):
+    before = file_ids(batch)
+    out = snakemake(batch, "-R", "sample_high")
+    after = file_ids(batch)
+    for row in ("boat", "face"):
+        assert after[f"results/{row}/boundary.safetensors"] != before[f"results/{row}/boundary.safetensors"]
+        assert after[f"results/{row}/cond.safetensors"] == before[f"results/{row}/cond.safetensors"]
+    assert jobs_run(out.stdout + out.stderr).count("sample_high") == 2
+
+
+def test_a_deleted_latent_and_video_remake_exactly_that_row(batch):
+    before = file_ids(batch)
+    for name in ("latent.safetensors", "video.mp4"):
+        (batch / "results" / "face" / name).unlink()
+    out = snakemake(batch)
+    ran = jobs_run(out.stdout + out.stderr)
+    assert [ran.count(rule) for rule in ("sample_low", "decode", "encode_video")] == [1, 1, 1], ran
+    assert not {"sample_high", "encode_image", "encode_prompt"} & set(ran)
+    after = file_ids(batch)
+    assert {k for k in before if after.get(k) != before[k]} == {"results/face/latent.safetensors",
+                                                                "results/face/video.mp4"}
 
 
 @pytest.mark.parametrize("column, value", [("boundary", "0.95"), ("seed", "7")])
@@ -107,47 +129,91 @@ def test_changing_global_sigma_max_reruns_all_sampling_but_no_encoding(batch):
                        for n in ("boundary.safetensors", "latent.safetensors", "video.mp4")}
 
 
+def test_adding_a_row_computes_only_that_row(batch):
+    before = file_ids(batch)
+    sheet = (batch / "sheet.csv").read_text()
+    (batch / "sheet.csv").write_text(sheet + "kite,images/cafe.png,a kite over the dunes,5,5,32,32,2\n")
+    out = snakemake(batch)
+    after = file_ids(batch)
+    assert {k for k in before if after[k] != before[k]} == set()
+    assert {"results/kite/latent.safetensors", "results/kite/video.mp4"} <= set(after) - set(before)
+    assert jobs_run(out.stdout + out.stderr).count("sample_high") == 1
+
+
 def test_bad_sheet_fails_before_any_job_and_creates_nothing(tmp_path):
     folder = make_workdir(tmp_path, SHEET + "boat,images/nope.png,,1,10,48,32,4\n")
     out = snakemake(folder, check=False)
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert "row 3 (id 'boat'), column 'id': duplicate id" in text
-    assert "row 3 (id 'boat'), column 'image'" in text and "column 'num_frames': 10 is not 4k+1" in text
+    assert "(id 'boat'), column 'id': duplicate id" in text
+    assert "(id 'boat'), column 'image'" in text and "column 'num_frames': 10 is not 4k+1" in text
     assert not (folder / "results").exists() and not (folder / "resources").exists()
 
 
 def test_identical_prompts_share_one_text_embedding(tmp_path):
     folder = make_workdir(tmp_path, "id,image,prompt,num_frames,width,height\n"
                                     "a,images/cafe.png,same words,5,32,32\nb,images/harbour.png,same words,5,32,32\n")
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    config["batch_rows"] = 1
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(folder, "--dry-run")
-    assert len(re.findall(r"^rule encode_prompt_\S+:", out.stdout, re.M)) == 1
-    assert sorted(re.findall(r"^rule sample_high_\S+:", out.stdout, re.M)) == ["rule sample_high_a:", "rule sample_high_b:"]
+    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out.stdout.split("Job stats:")[1], re.M))
+    assert stats["encode_prompt"] == "1" and stats["sample_high"] == "2"
 
 
-def test_batch_rows_1_runs_one_job_per_row(tmp_path):
+def artifacts(results):
+    from safetensors.torch import load_file
+
+    return {str(p.relative_to(results)): load_file(p) for p in sorted(results.rglob("*.safetensors"))}
+
+
+def assert_same_artifacts(ours: dict, theirs: dict, names) -> None:
+    for name in names:
+        assert ours[name].keys() == theirs[name].keys(), name
+        for key in ours[name]:
+            a, b = ours[name][key].contiguous(), theirs[name][key].contiguous()
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (name, key)
+
+
+def test_a_rows_artifacts_are_the_same_from_a_busy_worker_a_fresh_one_and_no_worker(finished, tmp_path):
+    """`finished`'s worker served boat before face. A run of face alone has a fresh worker; a run with
+    worker: false makes every artifact in the job's own process. All three agree byte for byte."""
+    served_first = artifacts(finished / "results")
+    face_alone = make_workdir(tmp_path / "fresh", "\n".join(SHEET.splitlines()[::2]) + "\n")  # header + face
+    snakemake(face_alone)
+    fresh = artifacts(face_alone / "results")
+    assert_same_artifacts(fresh, served_first, [n for n in fresh if n.startswith("face/") or n.startswith("prompts/")])
+    assert len(fresh) == 4  # text, cond, boundary, latent
+    assert "loading expert" in (face_alone / "results" / "logs" / "sample_high" / "face.log").read_text()
+
+    no_worker = make_workdir(tmp_path / "own")
+    config = yaml.safe_load((no_worker / "config.yaml").read_text())
+    config["worker"] = False
+    (no_worker / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(no_worker)
+    own = artifacts(no_worker / "results")
+    assert sorted(own) == sorted(served_first) and len(own) == 8
+    assert_same_artifacts(own, served_first, own)
+    log = (no_worker / "results" / "logs" / "sample_high" / "face.log").read_text()
+    assert "in worker pid" not in log and "loading expert" in log
+
+
+def test_a_second_snakemake_in_a_running_folder_changes_nothing(tmp_path):
     folder = make_workdir(tmp_path)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    config["batch_rows"] = 1
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    out = snakemake(folder, "--dry-run", "--until", *(f"sample_low_{r}" for r in ("boat", "face")))
-    jobs = sorted(re.findall(r"^rule (\w+)_(boat|face):", out.stdout, re.M))
-    assert jobs == sorted((stage, row) for stage in ("encode_image", "sample_high", "sample_low")
-                          for row in ("boat", "face"))
-
-
-def test_adding_a_row_computes_only_that_row(batch):
-    before = file_ids(batch)
-    sheet = (batch / "sheet.csv").read_text()
-    (batch / "sheet.csv").write_text(sheet + "kite,images/cafe.png,a kite over the dunes,5,5,32,32,2\n")
-    snakemake(batch)
-    after = file_ids(batch)
-    assert {k for k in before if after[k] != before[k]} == set()  # the group was rerun, its rows relinked
-    assert {"results/kite/latent.safetensors", "results/kite/video.mp4"} <= set(after) - set(before)
-    log = (batch / "results" / "logs" / "sample_high" / "boat~kite.log").read_text()
-    assert "row boat (1/3): sample_high reused from the store" in log
-    assert "row face (2/3): sample_high reused" in log and "row kite: sample_high done" in log
-    assert log.count("load expert:") == 1  # loaded once, for the one row that needed it
+    cmd, env = snakemake_command(folder, "--configfile", str(folder / "config.yaml"))
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    locks = folder / ".snakemake" / "locks"
+    deadline = time.monotonic() + 120
+    while not (locks.is_dir() and any(locks.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert locks.is_dir() and any(locks.iterdir()), "the first run never took its lock"
+    os.killpg(first.pid, signal.SIGSTOP)  # hold the first run where it is, lock taken
+    try:
+        before = snapshot(folder)
+        second = snakemake(folder, check=False)
+        assert second.returncode != 0
+        assert "cannot be locked" in second.stdout + second.stderr
+        assert snapshot(folder) == before
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    out = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, out[-3000:]  # and the first run was not harmed
+    assert (folder / "results" / "face" / "video.mp4").is_file()

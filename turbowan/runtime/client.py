@@ -18,7 +18,7 @@ from typing import Any
 from .faults import kill_job
 from .logs import write_lines
 from .private import compiler_cache_env, private_dir
-from .worker import ALREADY_SERVED, HEADER, code_fingerprint, socket_path
+from .worker import ALREADY_SERVED, HEADER, code_fingerprint, connect, socket_path
 
 log = logging.getLogger("turbowan.job")
 
@@ -54,16 +54,6 @@ def snakemake_pid() -> int | None:
     return found
 
 
-def _connect(path: Path) -> socket.socket | None:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        conn.close()
-        return None
-    return conn
-
-
 def _start_worker(path: Path, key: str, idle_s: float) -> tuple[subprocess.Popen, Path]:
     """A new worker for `key`, in a session of its own (a Ctrl-C of this job must not reach it)."""
     import turbowan
@@ -81,13 +71,13 @@ def _start_worker(path: Path, key: str, idle_s: float) -> tuple[subprocess.Popen
 
 
 def _connect_or_start(path: Path, key: str, idle_s: float) -> socket.socket:
-    conn = _connect(path)
+    conn = connect(path)
     if conn is not None:
         return conn
     process, worker_log = _start_worker(path, key, idle_s)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        conn = _connect(path)
+        conn = connect(path)
         if conn is not None:
             return conn
         code = process.poll()
@@ -120,28 +110,36 @@ def run_in_worker(stage: str, key: str, args: dict[str, Any], faults: str, card,
     wkey = worker_key(card)
     path = socket_path(wkey)
     threads = os.environ.get("OMP_NUM_THREADS")
-    request = {"stage": stage, "key": key, "args": args, "faults": faults, "code": code_fingerprint(),
-               "threads": int(threads) if threads and threads.isdigit() else None}
+    request = {"stage": stage, "key": key, "args": args, "faults": faults, "cwd": os.getcwd(),
+               "code": code_fingerprint(), "threads": int(threads) if threads and threads.isdigit() else None}
     payload = json.dumps(request).encode()
     for _ in range(3):
         conn = _connect_or_start(path, wkey, idle_s)
+        answered = False
         with conn, conn.makefile("rb") as replies:
-            conn.sendall(HEADER.pack(len(payload)) + payload)
-            for raw in replies:
-                message = json.loads(raw)
-                if "log" in message:
-                    write_lines(message["log"])
-                elif message.get("kill"):
-                    kill_job()
-                elif "status" in message:
-                    return int(message["status"])
-                elif message.get("refused") == "stale":
-                    log.info("the worker for %s runs other code (%s); starting a new one", wkey, message.get("why"))
-                    break
-                elif "refused" in message:
-                    log.error("the worker refused this job: %s", message["refused"])
-                    return 1
-            else:
+            try:
+                conn.sendall(HEADER.pack(len(payload)) + payload)
+                for raw in replies:
+                    answered = True
+                    message = json.loads(raw)
+                    if "log" in message:
+                        write_lines(message["log"])
+                    elif message.get("kill"):
+                        kill_job()
+                    elif "status" in message:
+                        return int(message["status"])
+                    elif message.get("refused") == "stale":
+                        log.info("the worker for %s runs other code (%s); starting a new one", wkey, message.get("why"))
+                        break
+                    elif "refused" in message:
+                        log.error("the worker refused this job: %s", message["refused"])
+                        return 1
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # a worker that was ending when we connected, or one that died during the row
+            if not answered:
+                time.sleep(POLL_S)  # it had not started this row: ask again (a new worker, if need be)
+                continue
+            if "refused" not in message:
                 log.error("%s of %s: the worker for %s ended without finishing the row (it crashed or was "
                           "killed; see %s); the next job starts a new one", stage, key, wkey, path.with_suffix(".log"))
                 return 1

@@ -33,8 +33,9 @@ import struct
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .logs import LOG_FORMAT
 from .private import private_dir
@@ -62,6 +63,32 @@ def socket_path(key: str) -> Path:
     under 108 bytes, and card UUIDs are long."""
     name = hashlib.sha256(f"{socket.gethostname()}:{key}".encode()).hexdigest()[:20]
     return private_dir("workers") / f"{name}.sock"
+
+
+@contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address for `path` that fits AF_UNIX's 108 bytes: the path itself, or the same file reached
+    through an open descriptor of its folder (a deep home folder would be too long otherwise)."""
+    if len(os.fsencode(str(path))) < 100:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
+
+
+def connect(path: Path) -> socket.socket | None:
+    """A connection to the worker at `path`, or None when none listens there."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with unix_address(path) as address:
+            conn.connect(address)
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        return None
+    return conn
 
 
 def send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -96,11 +123,26 @@ def read_request(conn: socket.socket, stages) -> dict[str, Any]:
         request = json.loads(_recv_exactly(conn, length))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestRefused(f"request is not JSON ({err})") from None
-    if not isinstance(request, dict) or not isinstance(request.get("args"), dict):
-        raise RequestRefused("request is not an object with args")
+    if not isinstance(request, dict) or not isinstance(request.get("args"), dict) \
+            or not isinstance(request.get("cwd"), str):
+        raise RequestRefused("request is not an object with args and cwd")
     if request.get("stage") not in stages:
         raise RequestRefused(f"{str(request.get('stage'))[:80]!r} is not one of the pipeline's model stages")
     return request
+
+
+def _refuse(conn: socket.socket, why: str) -> None:
+    """Say why, then let the job read it: closing a socket with unread bytes in it would reset the
+    connection before the job saw the answer. What the job sent is drained, a bounded amount."""
+    try:
+        send(conn, {"refused": why})
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        drained = 0
+        while drained < MAX_REQUEST_BYTES and (chunk := conn.recv(1 << 16)):
+            drained += len(chunk)
+    except OSError:
+        pass
 
 
 class _ToJob(logging.Handler):
@@ -116,6 +158,17 @@ class _ToJob(logging.Handler):
             send(self.conn, {"log": self.format(record)})
         except OSError:  # the job is gone: the row stops at its next check
             self.cancel.set()
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the job has closed its end already (checked without waiting)."""
+    readable, _, _ = select.select([conn], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _watch_connection(conn: socket.socket, cancel: threading.Event, done: threading.Event) -> None:
@@ -140,6 +193,11 @@ class Worker:
         self.ending = False
 
     def serve(self) -> int:
+        try:
+            watched = _pidfd(self.watch_pid)
+        except ProcessLookupError:
+            log.info("pid %d, which this worker would serve, has ended already", self.watch_pid)
+            return 0
         lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,14 +206,14 @@ class Worker:
             return ALREADY_SERVED
         self.path.unlink(missing_ok=True)  # a dead worker's socket (we hold the lock: none lives)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.path))
+        with unix_address(self.path) as address:
+            listener.bind(address)
         os.chmod(self.path, 0o600)
         listener.listen(16)
         bound = os.stat(self.path).st_ino
         log.info("worker for %s (pid %d) on %s; ends after %.0f s idle%s", self.key, os.getpid(), self.path,
                  self.idle_s, f" or when pid {self.watch_pid} ends" if self.watch_pid else "")
         self._preload()
-        watched = _pidfd(self.watch_pid)
         try:
             while not self.ending:
                 ready, _, _ = select.select([listener] + ([watched] if watched is not None else []), [], [],
@@ -200,10 +258,7 @@ class Worker:
             request = read_request(conn, MODEL_STAGES)
         except (RequestRefused, ConnectionError, OSError, struct.error) as err:
             log.warning("refused a request: %s", err)
-            try:
-                send(conn, {"refused": str(err)})
-            except OSError:
-                pass
+            _refuse(conn, str(err))
             return
         conn.settimeout(None)
         if request.get("code") != self.fingerprint:
@@ -224,6 +279,8 @@ class Worker:
         relay = _ToJob(conn, self.ctx.cancel)
         root = logging.getLogger()
         root.addHandler(relay)
+        if _closed(conn):  # the job is gone already: its row does not start
+            self.ctx.cancel.set()
         watcher = threading.Thread(target=_watch_connection, args=(conn, self.ctx.cancel, done), daemon=True)
         watcher.start()
         if request.get("threads"):
@@ -237,11 +294,11 @@ class Worker:
         status = 0
         log.info("%s of %s in worker pid %d (%d model(s) resident)", stage, key, os.getpid(), len(self.ctx.models))
         try:
+            os.chdir(request["cwd"])  # the job's relative paths are relative to its folder
             run_model_stage(stage, key, request["args"], str(request.get("faults", "")), self.ctx, on_kill=kill)
-        except Exception as err:  # noqa: BLE001 - a row's error fails its job, not the worker
+        except Exception:  # noqa: BLE001 - a row's error fails its job, not the worker
             status = 1
             log.exception("%s of %s failed after %.1f s", stage, key, time.perf_counter() - started)
-            del err
             release(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         finally:
             done.set()
@@ -254,12 +311,15 @@ class Worker:
 
 
 def _pidfd(pid: int | None):
-    """Something select() sees readable when `pid` ends (a pidfd), or None."""
+    """Something select() sees readable when `pid` ends (a pidfd), or None (nothing to watch, or no
+    pidfds on this system: then idle time alone ends the worker). ProcessLookupError: it has ended."""
     if not pid:
         return None
     try:
         return os.pidfd_open(pid)
-    except (AttributeError, OSError):  # no such process any more, or no pidfds: idle time alone
+    except ProcessLookupError:
+        raise
+    except (AttributeError, OSError):
         return None
 
 

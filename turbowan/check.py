@@ -1,0 +1,95 @@
+"""`turbowan check`: find a batch's damaged artifacts; with `--repair`, remove them.
+
+Snakemake sees only that a file exists, so a truncated copy, a full disk or a hand edit leaves an
+artifact that looks finished. The job that reads it fails, naming it; this command finds every such
+file at once without running anything: safetensors artifacts by their header and the digest of
+their data, frames by their PNG headers and count, videos by their frame count. It only looks,
+unless asked to repair: then it deletes each damaged file, and the next run remakes it (and, as
+their input is newer, everything made from it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .files.artifacts import check_digest, read_record
+from .files.video import VideoError, count_frames, load_frames
+from .layout import Layout
+
+
+@dataclass(frozen=True)
+class Damage:
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def artifact_problem(path: Path, stage: str) -> str | None:
+    """Why a stage's safetensors artifact cannot be used, or None."""
+    problem = check_digest(path)
+    if problem:
+        return problem
+    written_by = read_record(path).get("stage")
+    return None if written_by == stage else f"was written by stage {written_by!r}, not {stage}"
+
+
+def frames_problem(folder: Path, num_frames: int) -> str | None:
+    try:
+        files, info = load_frames(folder)
+    except VideoError as err:
+        return str(err)
+    if info["count"] != num_frames:
+        return f"holds {info['count']} frames, the row needs {num_frames}"
+    for file in files:
+        if file.stat().st_size == 0:
+            return f"{file.name} is empty"
+    return None
+
+
+def video_problem(path: Path, num_frames: int) -> str | None:
+    try:
+        count = count_frames(path)
+    except VideoError as err:
+        return str(err)
+    return None if count == num_frames else f"has {count} frames, the row needs {num_frames}"
+
+
+def find_damage(results: str | Path, rows: Iterable) -> list[Damage]:
+    """Every existing artifact of the sheet's rows that is damaged (missing ones are not: Snakemake
+    makes those)."""
+    layout = Layout(str(results))
+    found: list[Damage] = []
+    texts_seen: set[str] = set()
+    for row in rows:
+        checks = []
+        if row.prompt_key not in texts_seen:
+            texts_seen.add(row.prompt_key)
+            checks.append((Path(layout.text(row.prompt_key)), lambda p: artifact_problem(p, "encode_prompt")))
+        for stage in ("encode_image", "sample_high", "sample_low"):
+            checks.append((Path(layout.artifact(stage, row.id)), lambda p, s=stage: artifact_problem(p, s)))
+        checks.append((Path(layout.frames(row.id)), lambda p: frames_problem(p, row.num_frames)))
+        checks.append((Path(layout.video(row.id)), lambda p: video_problem(p, row.num_frames)))
+        for path, problem_of in checks:
+            if path.exists():
+                problem = problem_of(path)
+                if problem:
+                    found.append(Damage(path, problem))
+    return found
+
+
+def repair(damage: Iterable[Damage]) -> list[Path]:
+    """Delete each damaged file (a frames folder whole); returns what was removed."""
+    import shutil
+
+    removed = []
+    for item in damage:
+        if item.path.is_dir():
+            shutil.rmtree(item.path)
+        elif item.path.exists():
+            item.path.unlink()
+        removed.append(item.path)
+    return removed
