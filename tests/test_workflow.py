@@ -217,3 +217,21 @@ def test_a_second_snakemake_in_a_running_folder_changes_nothing(tmp_path):
     out = first.communicate(timeout=600)[0]
     assert first.returncode == 0, out[-3000:]  # and the first run was not harmed
     assert (folder / "results" / "face" / "video.mp4").is_file()
+
+
+def test_waves_deliver_videos_as_the_batch_goes(tmp_path):
+    """12 rows in waves of 4, one job at a time: every job of a wave before the next wave, so the
+    first mp4 comes once the first 4 rows have run sample_high, not after all 12."""
+    rows = "\n".join(f"w{i:02d},images/cafe.png,prompt {i},5,16,16" for i in range(12))
+    folder = make_workdir(tmp_path, "id,image,prompt,num_frames,width,height\n" + rows + "\n")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["wave_rows"] = 4
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(folder)
+    ran = jobs_run(out.stdout + out.stderr)
+    first_mp4 = ran.index("encode_video")
+    assert ran[:first_mp4].count("sample_high") == 4
+    assert ran[:first_mp4].count("sample_low") == 4
+    # within a wave, one stage after another: one expert loaded per wave
+    wave = ran[:ran.index("previews")]
+    assert wave.index("sample_low") > max(i for i, rule in enumerate(wave) if rule == "sample_high")
