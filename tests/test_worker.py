@@ -258,3 +258,17 @@ def test_another_user_cannot_reach_the_worker(prompt_job, running_worker, tmp_pa
     server.ending = True
     exchange(open_path, encoded(request("encode_prompt", prompt_job())))  # (wakes it to end)
     thread.join(timeout=60)
+
+
+def test_jobs_whose_environments_differ_share_the_worker(prompt_job, running_worker, monkeypatch):
+    """A shell's variables (PS1 from `source .venv/bin/activate`, which job shells drop) or any other
+    difference in the environment does not send a job elsewhere: a request carries no environment."""
+    path, pid = running_worker
+    for value in ("(.venv) $ ", None):
+        if value is None:
+            monkeypatch.delenv("PS1", raising=False)
+        else:
+            monkeypatch.setenv("PS1", value)
+        assert client.run_in_worker("encode_prompt", "row", prompt_job(), "", None, idle_s=30) == 0
+        assert worker_pid(path) == pid
+    assert "PS1" not in path.with_suffix(".log").read_text()
