@@ -1,8 +1,13 @@
 """Model files told apart by content, every layout of the same weights giving the same network, and a
-clear error (naming the file) for each kind of wrong file."""
+clear error (naming the file) for each kind of wrong file; results written durably and checked (frames,
+videos); model downloads pinned to a commit and resumable."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.model_layouts import write_layouts
@@ -217,3 +222,203 @@ def test_the_snakefile_checks_safetensors_model_files_without_torch(layouts):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:-1] == [
         "wan-dit", "wan-dit-int8", "umt5-hf-fp8-scaled", "umt5-hf", "torch imported: False"]
+
+
+# --------------------------------------------------------------------------- results on disk: durable, checked
+
+
+def _record_syncs(monkeypatch):
+    """Every fsync (by the path its descriptor names) and rename, in order."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_atomic_path_syncs_the_file_before_and_its_folder_after_the_rename(tmp_path, monkeypatch):
+    from turbowan.files.artifacts import atomic_path
+
+    events = _record_syncs(monkeypatch)
+    final = tmp_path / "out" / "a.safetensors"
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"data")
+    (rename,) = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert events[rename][1:] == (str(tmp), str(final))
+    assert ("fsync", str(tmp)) in events[:rename]
+    assert ("fsync", str(final.parent)) in events[rename + 1:]
+
+
+def test_atomic_dir_syncs_every_file_and_folder_before_the_rename_and_the_parent_after(tmp_path, monkeypatch):
+    from turbowan.files.artifacts import atomic_dir
+
+    final = tmp_path / "frames"
+    final.mkdir()
+    (final / "old.png").write_bytes(b"old")  # an old folder is replaced whole
+    events = _record_syncs(monkeypatch)
+    with atomic_dir(final) as tmp:
+        (tmp / "00000.png").write_bytes(b"a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.json").write_text("{}")
+    rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[1] == str(tmp))
+    synced_before = {path for kind, path, *_ in events[:rename] if kind == "fsync"}
+    assert {str(tmp / "00000.png"), str(tmp / "sub" / "x.json"), str(tmp / "sub"), str(tmp)} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[rename + 1:]
+    assert sorted(p.name for p in final.iterdir()) == ["00000.png", "sub"]
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"]  # nothing left beside it
+
+
+def _frames(count=3, width=48, height=32):
+    return torch.randint(0, 256, (count, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_save_frames_syncs_each_png_and_load_frames_checks_each_one(tmp_path, monkeypatch):
+    from turbowan.files.video import VideoError, check_frames, load_frames, save_frames
+
+    events = _record_syncs(monkeypatch)
+    folder = tmp_path / "frames"
+    save_frames(_frames(), folder, {"row": "boat"})
+    synced = {path.rsplit("/", 1)[1] for kind, path, *_ in events if kind == "fsync"}
+    assert {"00000.png", "00001.png", "00002.png", "frames.json"} <= synced
+    files, info = load_frames(folder)
+    assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png"] and info["row"] == "boat"
+    assert check_frames(folder, 3, 48, 32) == files
+
+    good = (folder / "00001.png").read_bytes()
+    for damage, message in [
+        (lambda p: p.write_bytes(b""), "00001.png: empty (0 bytes)"),
+        (lambda p: p.write_bytes(good[: len(good) // 2]), "00001.png: not a complete PNG"),
+        (lambda p: p.write_bytes(good[:-12]), "00001.png: not a complete PNG"),  # only the end chunk cut
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "00001.png: not a complete PNG"),
+        (lambda p: Image.new("RGB", (32, 48)).save(p), "00001.png: a RGB frame of 32 x 48, expected RGB 48 x 32"),
+        (lambda p: Image.new("L", (48, 32)).save(p), "00001.png: a L frame of 48 x 32, expected RGB 48 x 32"),
+        (lambda p: p.unlink(), "2 frame files, expected 3; missing 00001.png"),
+    ]:
+        damage(folder / "00001.png")
+        with pytest.raises(VideoError, match=re.escape(message)) as err:
+            load_frames(folder)
+        assert str(folder) in str(err.value)
+        (folder / "00001.png").write_bytes(good)
+    load_frames(folder)
+
+
+def test_check_mp4_rejects_garbage_and_truncated_videos(tmp_path):
+    import imageio_ffmpeg
+    import numpy as np
+
+    from turbowan.files.video import VideoError, check_mp4, save_frames, load_frames, write_mp4
+
+    save_frames(_frames(9), tmp_path / "frames", {})
+    files, _ = load_frames(tmp_path / "frames")
+    video = tmp_path / "video.mp4"
+    write_mp4(files, video, 48, 32, fps=16, quality=5)
+    check_mp4(video, 9, 48, 32)
+    with pytest.raises(VideoError, match=f"{re.escape(str(video))}: has 9 frames, expected 10"):
+        check_mp4(video, 10, 48, 32)
+    with pytest.raises(VideoError, match=f"{re.escape(str(video))}: is 48 x 32, expected 64 x 32"):
+        check_mp4(video, 9, 64, 32)
+
+    data = video.read_bytes()
+    for name, content in [("empty.mp4", b""), ("garbage.mp4", bytes(range(256)) * 40),
+                          ("cut.mp4", data[: len(data) // 2]), ("tail-cut.mp4", data[:-20])]:
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        with pytest.raises(VideoError, match=re.escape(str(bad))):
+            check_mp4(bad, 9, 48, 32)
+
+    # an index at the front (faststart): the frames after the cut are missing
+    front = tmp_path / "faststart.mp4"
+    writer = imageio_ffmpeg.write_frames(str(front), (48, 32), fps=16, codec="libx264", pix_fmt_out="yuv420p",
+                                         macro_block_size=16, output_params=["-f", "mp4", "-movflags", "+faststart"],
+                                         ffmpeg_log_level="error")
+    writer.send(None)
+    for frame in _frames(9).numpy():
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    check_mp4(front, 9, 48, 32)
+    cut = tmp_path / "faststart-cut.mp4"
+    cut.write_bytes(front.read_bytes()[:-2000])
+    with pytest.raises(VideoError, match=re.escape(str(cut))):
+        check_mp4(cut, 9, 48, 32)
+
+
+# --------------------------------------------------------------------------- model downloads (hub mocked: offline)
+
+COMMIT_ID = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_a_download_without_a_revision_is_refused(tmp_path):
+    from turbowan.files.hub import DownloadError, hub_files
+
+    models = {"vae": str(tmp_path / "Wan2.1_VAE.pth"), "tokenizer": str(tmp_path / "tok")}
+    entries = {"vae": {"repo": "Wan-AI/Wan2.1-T2V-1.3B", "file": "Wan2.1_VAE.pth"},
+               "tokenizer": {"repo": "Wan-AI/Wan2.1-T2V-1.3B", "folder": "google/umt5-xxl"}}
+    with pytest.raises(DownloadError) as err:
+        hub_files(models, entries)
+    message = str(err.value)
+    assert "without a revision" in message and "40-hex commit id" in message and "revision: main" in message
+    assert "download.vae (Wan-AI/Wan2.1-T2V-1.3B, Wan2.1_VAE.pth)" in message and "download.tokenizer" in message
+    entries["vae"]["revision"] = COMMIT_ID
+    entries["tokenizer"]["revision"] = "main"  # following the branch, knowingly
+    vae, tok = hub_files(models, entries)
+    assert vae.revision == COMMIT_ID and vae.url.endswith(f"/resolve/{COMMIT_ID}/Wan2.1_VAE.pth")
+    assert tok.revision == "main"
+
+
+def test_a_pinned_file_needs_no_revision_in_the_config(tmp_path, monkeypatch):
+    from turbowan.files import hub
+
+    known = hub.KNOWN_FILES["Wan2.1_VAE.pth"]
+    monkeypatch.setitem(hub.KNOWN_FILES, "Wan2.1_VAE.pth", hub.KnownFile(known.repo, known.path, COMMIT_ID))
+    (vae,) = hub.hub_files({"vae": str(tmp_path / "v.pth")}, {"vae": {"repo": known.repo, "file": known.path}})
+    assert vae.revision == COMMIT_ID
+    assert all(k.revision is None or hub.COMMIT.match(k.revision) for k in hub.KNOWN_FILES.values())
+
+
+def test_a_failed_download_keeps_what_it_fetched_for_the_next_attempt(tmp_path, monkeypatch):
+    """A dropped connection leaves huggingface_hub's partial file where the next attempt looks for it."""
+    import huggingface_hub
+
+    from turbowan.files import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_unreachable", lambda: None)
+    calls = []
+
+    def fake_download(repo, filename, revision=None, local_dir=None, **kwargs):
+        partial = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.etag.incomplete"
+        calls.append((revision, local_dir, partial.exists() and partial.read_bytes()))
+        if len(calls) == 1:
+            partial.parent.mkdir(parents=True)
+            partial.write_bytes(b"first half")
+            raise ConnectionError("connection reset by peer")
+        partial.write_bytes(partial.read_bytes() + b", second half")
+        (Path(local_dir) / filename).write_bytes(partial.read_bytes())
+        partial.unlink()
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    dest = tmp_path / "models" / "Wan2.1_VAE.pth"
+    item = hub.HubFile("vae", "Wan-AI/Wan2.1-T2V-1.3B", "Wan2.1_VAE.pth", str(dest), revision=COMMIT_ID)
+    with pytest.raises(hub.DownloadError, match="ConnectionError: connection reset by peer") as err:
+        hub.download(item, [item])
+    staging = hub.staging_folder(item)
+    assert f"stays in {staging}" in str(err.value)
+    assert (staging / ".cache/huggingface/download/Wan2.1_VAE.pth.etag.incomplete").read_bytes() == b"first half"
+    assert not dest.exists()
+
+    hub.download(item, [item])  # the next attempt: the same folder, the partial file still there
+    assert calls[1] == (COMMIT_ID, staging, b"first half")
+    assert dest.read_bytes() == b"first half, second half"
+    assert not staging.exists() and [p.name for p in dest.parent.iterdir()] == ["Wan2.1_VAE.pth"]

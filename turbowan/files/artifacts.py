@@ -9,6 +9,7 @@ video. Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,11 +78,61 @@ def _content_id(path: str, size: int, mtime_ns: int, inode: int) -> dict[str, An
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def default_mode(directory: bool = False) -> int:
-    """The permissions a plain open()/mkdir() would give under the current umask."""
-    umask = os.umask(0)
+def _read_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status, 4.7+);
+    elsewhere set and restored once, at import, before any thread of ours writes files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
     os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return umask
+
+
+# Read once: os.umask can only be read by setting it, and a set applies to the whole process, so
+# a thread creating a file meanwhile would get whatever was set (0666 files under umask 0).
+_UMASK = _read_umask()
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give under the process's umask (read at import;
+    never changed here)."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a folder's entries (a rename into it, a new file) durable: fsync the folder itself."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # (file systems that cannot sync a folder)
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Write a file's data and size to disk (a read-only descriptor syncs the file all the same)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, then every folder of it (deepest first), the folder last."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_dir(root)
 
 
 @contextmanager
@@ -89,6 +140,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it to `final` only if the block succeeds.
 
     A killed job leaves at most a hidden `.name.*.partial` file, never a file under the final name.
+    Durable: the file is synced before the rename and the folder after it, so after a power cut
+    `final` is either the old file or the whole new one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +150,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp_path)
         os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, final)
+        fsync_dir(final.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -111,19 +164,33 @@ def atomic_dir(final: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     """Yield a temporary folder beside `final`; it replaces `final` whole only if the block succeeds.
 
     mode: the folder's permissions (default: what mkdir would give under the current umask).
+    Durable: every file inside and the folder are synced before the rename, the parent after it; an
+    old `final` is moved aside and removed only once the new one is in place.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    old = None
     try:
         yield tmp
         os.chmod(tmp, default_mode(directory=True) if mode is None else mode)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        fsync_tree(tmp)
+        if final.exists() or final.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / final.name)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old / final.name, final)  # (put the old one back)
+                raise
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def data_digest(tensors: Mapping[str, torch.Tensor]) -> str:
