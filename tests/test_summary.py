@@ -8,8 +8,8 @@ import pytest
 from turbowan.files.artifacts import ArtifactError
 from turbowan.runtime.jobs import run_cpu_job
 from turbowan.report.summary import (
-    STAGES, RowRef, benchmark_seconds, build_summary, columns, format_table, last_error, rows_from_summary,
-    stage_output, stage_status, write_summary,
+    STAGES, RowRef, benchmark_seconds, build_summary, columns, format_table, last_error, read_summary,
+    rows_from_summary, stage_output, stage_status, write_summary,
 )
 
 ROW = RowRef(id="boat", prompt='A boat, "at dawn";\nthe camera pans', prompt_key="0123456789abcdef")
@@ -149,3 +149,82 @@ def test_format_table(tmp_path):
     assert body.split()[:4] == ["boat", "failed", "FAIL", "-"]
     assert body.endswith("ValueError: tokenizer folder not found")
     assert total == "1 rows: 0 done, 1 failed, 0 incomplete"
+
+
+# --------------------------------------------------------------------------- text a spreadsheet would run
+
+
+FORMULAS = ["=1+1", "+SUM(A1:A9)", "-2+3", "@cmd", "\t=1", "\r=1", "'quoted already", "''two", "plain", "",
+            '=HYPERLINK("http://x","y")']
+
+
+def test_formula_like_text_is_stored_as_text_and_read_back_as_written(tmp_path):
+    """A prompt (or error, id, path) that a spreadsheet would evaluate is written with one leading quote
+    (OWASP's advice against CSV injection); a leading quote of the text itself gets one too, so reading
+    summary.csv back gives every text exactly as it was."""
+    rows = [RowRef(id=f"r{i}", prompt=text, prompt_key=f"{i:016x}") for i, text in enumerate(FORMULAS)]
+    rows.append(RowRef(id="-1-1", prompt="a boat", prompt_key="f" * 16))
+    fail(tmp_path, rows[0], "encode_prompt", ValueError("=cmd|' /C calc'!A0"))
+    for stage in STAGES:
+        finish(tmp_path, rows[-1], stage, seconds=1)
+    path = write_summary(tmp_path, rows)
+    with open(path, newline="", encoding="utf-8") as f:
+        raw = list(csv.DictReader(f))
+    stored = {line["id"]: line for line in raw}
+    assert stored["r0"]["prompt"] == "'=1+1"
+    assert [line["prompt"] for line in raw[:len(FORMULAS)]] == [
+        "'=1+1", "'+SUM(A1:A9)", "'-2+3", "'@cmd", "'\t=1", "'\r=1", "''quoted already", "'''two", "plain", "",
+        '\'=HYPERLINK("http://x","y")']
+    assert stored["r0"]["error"] == "ValueError: =cmd|' /C calc'!A0"  # (an error starts with its name)
+    assert "'-1-1" in stored and stored["'-1-1"]["video"].endswith("-1-1/video.mp4")
+    assert stored["'-1-1"]["total_s"] == "6.0" and stored["'-1-1"]["state"] == "done"  # numbers and states as they are
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for line in raw for cell in line.values())
+
+    assert rows_from_summary(tmp_path) == rows  # every text back as written
+    back = {line["id"]: line for line in read_summary(tmp_path)}
+    assert back["r0"]["error"] == "ValueError: =cmd|' /C calc'!A0" and back["-1-1"]["total_s"] == "6.0"
+
+
+# --------------------------------------------------------------------------- a GPU run on plain-torch kernels
+
+
+FALLBACK = ("2026-11-25 10:00:01,000 WARNING turbowan.wan.models: kernels: plain-torch fallback on cuda "
+            "(SLA attention: turbodiffusion.SLA not importable; int8 linears: turbodiffusion.ops not importable)\n")
+
+
+def test_a_plain_torch_gpu_run_is_flagged_in_the_summary_and_the_gallery(tmp_path):
+    from turbowan.report.gallery import BatchInfo, build_gallery
+    from turbowan.report.summary import PLAIN_TORCH_WARNING, plain_torch_kernels
+    from turbowan.sheet import Row
+
+    def row(rid):
+        return Row(id=rid, image=str(tmp_path / "gone.png"), prompt="a boat", seed=1, num_frames=9, width=48,
+                   height=32, num_steps=4, sigma_max=200.0, boundary=0.9, ode=False)
+
+    slow, fast = row("slow"), row("fast")
+    for r in (slow, fast):
+        for stage in STAGES:
+            finish(tmp_path, r, stage, seconds=1)
+    for stage, r, text in [("sample_high", slow, "INFO loading expert high.safetensors onto cuda\n" + FALLBACK),
+                           ("sample_high", fast, "INFO loaded expert x: attention sla (turbodiffusion SLA (Triton))\n"),
+                           ("sample_low", fast, "INFO sample_low done in 3.0 s\n")]:
+        job_log(tmp_path, r, stage).parent.mkdir(parents=True, exist_ok=True)
+        job_log(tmp_path, r, stage).write_text(text)
+
+    assert plain_torch_kernels(FALLBACK).startswith("SLA attention: turbodiffusion.SLA not importable")
+    assert plain_torch_kernels("INFO attention sla (plain torch SLA, topk 0.1)") is None  # on the CPU: as meant
+    lines = {line["id"]: line for line in build_summary(tmp_path, [slow, fast])}
+    assert lines["slow"]["kernels"] == ("plain-torch on cuda in sample_high (SLA attention: turbodiffusion.SLA not "
+                                        "importable; int8 linears: turbodiffusion.ops not importable)")
+    assert lines["fast"]["kernels"] == ""
+    write_summary(tmp_path, [slow, fast])
+    assert "kernels" in columns() and [line["kernels"] != "" for line in read_summary(tmp_path)] == [True, False]
+
+    page = build_gallery(tmp_path / "gallery", [slow, fast], BatchInfo(results=str(tmp_path), fps=16)).read_text()
+    top = page.index("id='kernels-warning'")
+    assert top < page.index("<table id='summary'>")  # at the top, before the table
+    assert f"{PLAIN_TORCH_WARNING}: 1 of 2 rows (slow)" in page
+    assert PLAIN_TORCH_WARNING == "GPU run used plain-torch SLA/int8 kernels (turbodiffusion not installed): slower"
+    row_part = page[page.index("id='row-slow'"):page.index("id='row-fast'")]
+    assert f"<p class='warning kernels'>{PLAIN_TORCH_WARNING}: plain-torch on cuda in sample_high" in row_part
+    assert "warning" not in page[page.index("id='row-fast'"):]

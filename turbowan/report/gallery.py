@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..files.artifacts import atomic_dir
 from ..wan.image import ImageError, open_rgb
-from .summary import DONE, FAILED, STAGES, build_summary
+from .summary import DONE, FAILED, PLAIN_TORCH_WARNING, STAGES, build_summary
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ section.row { border-top: 2px solid #888; margin-top: 2em; padding-top: 0.5em; }
 .media { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .media figure { margin: 0; } figcaption { font-size: 0.8em; color: #555; }
 .error { background: #fbe0e0; border: 1px solid #c33; padding: 0.5em; white-space: pre-wrap; }
+.warning { background: #fff4d6; border: 1px solid #c90; padding: 0.5em; }
 .prompt { font-style: italic; white-space: pre-wrap; }
 img.scaled { max-width: 320px; max-height: 320px; min-width: 160px; image-rendering: pixelated; }
 video { image-rendering: pixelated; background: #000; }
@@ -127,6 +128,8 @@ def _row_section(row: Any, line: dict[str, Any], media: dict[str, str], info: Ba
              f"<h2>{rid} <small class='{_esc(line['state'])}'>{_esc(line['state'])}</small></h2>"]
     if line["state"] == FAILED:
         parts.append(f"<p class='error'>{_esc(line['failed_stage'])} failed: {_esc(line['error'])}</p>")
+    if line.get("kernels"):
+        parts.append(f"<p class='warning kernels'>{_esc(PLAIN_TORCH_WARNING)}: {_esc(line['kernels'])}</p>")
     parts.append(f"<p class='prompt'>{_esc(row.prompt)}</p>")
     figures = []
     if "image" in media:
@@ -211,8 +214,13 @@ def render_page(rows: list[Any], lines: list[dict[str, Any]], media: dict[str, d
         f"<h1>TurboWan batch <code>{_esc(info.results)}</code></h1>",
         f"<p id='counts'>{len(lines)} rows: {counts[DONE]} done, {counts[FAILED]} failed, "
         f"{len(lines) - counts[DONE] - counts[FAILED]} incomplete.</p>",
-        _summary_table(lines),
     ]
+    slow = [line["id"] for line in lines if line.get("kernels")]
+    if slow:
+        parts.append(f"<p class='warning kernels' id='kernels-warning'>{_esc(PLAIN_TORCH_WARNING)}: "
+                     f"{len(slow)} of {len(lines)} rows ({_esc(', '.join(map(str, slow)))}). "
+                     "On the GPU machine, <code>make gpu</code> installs turbodiffusion.</p>")
+    parts.append(_summary_table(lines))
     if batch_sheet:
         parts.append(f"<h2>Contact sheet of the batch</h2><img class='contact-sheet batch' src='{_esc(batch_sheet)}' "
                      "alt='contact sheet of the batch'>")

@@ -29,6 +29,12 @@ _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Excep
 _FAILED_AFTER = re.compile(r"failed after ([0-9.]+) s")
 _DONE_IN = re.compile(r"\bdone in ([0-9.]+) s")
 
+# What an expert's loader logs when a stage runs on a CUDA GPU but turbodiffusion's kernels are
+# missing, so SLA attention and the int8 linears run in plain torch (right, but much slower).
+KERNEL_STAGES = ("sample_high", "sample_low")
+_PLAIN_TORCH_ON_GPU = re.compile(r"kernels: plain-torch fallback on cuda \((.*)\)\s*$")
+PLAIN_TORCH_WARNING = "GPU run used plain-torch SLA/int8 kernels (turbodiffusion not installed): slower"
+
 
 class RowLike(Protocol):
     id: str
@@ -117,6 +123,29 @@ def stage_status(results: str | Path, row: RowLike, stage: str) -> StageStatus:
     return StageStatus(MISSING, None, None, str(output))
 
 
+def plain_torch_kernels(log_text: str) -> str | None:
+    """What a job log says ran in plain torch on a GPU (the loader's 'kernels: plain-torch fallback on
+    cuda (...)' line, the part in brackets), or None."""
+    for line in log_text.splitlines():
+        match = _PLAIN_TORCH_ON_GPU.search(line)
+        if match:
+            return match[1].strip() or "plain torch"
+    return None
+
+
+def row_kernels(results: str | Path, row: RowLike) -> str:
+    """The summary's `kernels` cell: '' when no sampling job of the row logged a plain-torch fallback on
+    a GPU, else 'plain-torch on cuda in <stage> (<what>); ...'."""
+    found = []
+    for stage in KERNEL_STAGES:
+        log = log_file(results, stage, stage_key(row, stage))
+        if log.is_file():
+            what = plain_torch_kernels(log.read_text(encoding="utf-8", errors="replace"))
+            if what:
+                found.append(f"{stage} ({what})")
+    return f"plain-torch on cuda in {'; '.join(found)}" if found else ""
+
+
 def row_summary(results: str | Path, row: RowLike) -> dict[str, object]:
     """One line of summary.csv: the row's overall state, its first failure, and per-stage columns."""
     stages = {stage: stage_status(results, row, stage) for stage in STAGES}
@@ -135,6 +164,7 @@ def row_summary(results: str | Path, row: RowLike) -> dict[str, object]:
         "error": stages[failed[0]].error if failed else "",
         "total_s": round(sum(times), 2) if times else "",
         "video": stages["encode_video"].output,
+        "kernels": row_kernels(results, row),
         "prompt_key": row.prompt_key,
         "prompt": row.prompt,
     }
@@ -150,11 +180,31 @@ def columns() -> list[str]:
     head = ["id", "state", "failed_stage", "error", "total_s", "video"]
     per_stage = [f"{stage}_{what}" for what in ("state", "s") for stage in STAGES]
     outputs = [f"{stage}_output" for stage in STAGES]
-    return head + per_stage + outputs + ["prompt_key", "prompt"]
+    return head + per_stage + outputs + ["kernels", "prompt_key", "prompt"]
 
 
 def build_summary(results: str | Path, rows: Iterable[RowLike]) -> list[dict[str, object]]:
     return [row_summary(results, row) for row in rows]
+
+
+# Cells of free text (and paths, which hold ids and folder names) that a spreadsheet could take for a
+# formula; the numbers, states and stage names are the pipeline's own.
+TEXT_COLUMNS = frozenset({"id", "error", "video", "prompt", *(f"{stage}_output" for stage in STAGES)})
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: object) -> object:
+    """A text cell as summary.csv stores it: one quote before text a spreadsheet would run as a formula
+    (OWASP's advice against CSV injection), and before text that starts with a quote itself, so that
+    reading it back (csv_untext) is never ambiguous."""
+    if isinstance(value, str) and value.startswith((*_FORMULA_START, "'")):
+        return "'" + value
+    return value
+
+
+def csv_untext(value: str) -> str:
+    """The text csv_text stored."""
+    return value[1:] if value.startswith("'") else value
 
 
 def write_summary(results: str | Path, rows: Iterable[RowLike]) -> Path:
@@ -165,14 +215,16 @@ def write_summary(results: str | Path, rows: Iterable[RowLike]) -> Path:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns())
             writer.writeheader()
-            writer.writerows(lines)
+            writer.writerows({k: csv_text(v) if k in TEXT_COLUMNS else v for k, v in line.items()} for line in lines)
     return path
 
 
 def read_summary(results: str | Path) -> list[dict[str, str]]:
+    """summary.csv's lines, text cells as they were before write_summary guarded them."""
     path = Path(results) / SUMMARY_NAME
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return [{k: csv_untext(v) if k in TEXT_COLUMNS and isinstance(v, str) else v for k, v in rec.items()}
+                for rec in csv.DictReader(f)]
 
 
 def rows_from_summary(results: str | Path) -> list[RowRef]:
