@@ -6,6 +6,7 @@ can only be shown by killing one.
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from turbowan.runtime.gpus import Card, NoFreeGpu, allowed_cards, assign_gpu, lock_card, parse_nvidia_smi
+from turbowan.runtime.gpus import (
+    Card, NoFreeGpu, UnsafeLockFile, allowed_cards, assign_gpu, lock_card, parse_nvidia_smi,
+)
+from turbowan.runtime.private import UnsafeFolder
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = ["GPU-00000000-aaaa", "GPU-11111111-bbbb", "GPU-22222222-cccc"]
@@ -174,3 +178,85 @@ def test_the_model_libraries_import_with_the_unused_packages_hidden():
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[None, None, None, None]"
+
+
+# --------------------------------------------------------------------------- the lock folder and files
+
+
+def test_the_default_lock_folder_is_private(tmp_path):
+    """Without TURBOWAN_GPU_LOCK_DIR the locks live in the user's private folder (0700, ours), not in a
+    fixed /tmp name that another user could have made first."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    card = assign_gpu("x", env={"TURBOWAN_GPUS": CARDS[0], "XDG_RUNTIME_DIR": str(runtime)})
+    try:
+        lock = Path(card.lock_path)
+        assert lock == runtime / "turbowan" / "locks" / f"{CARDS[0]}.lock"
+        folder = os.lstat(lock.parent)
+        assert folder.st_uid == os.getuid() and stat.S_IMODE(folder.st_mode) == 0o700
+        info = os.lstat(lock)
+        assert stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o600
+        assert f"pid {os.getpid()} of " in lock.read_text()  # the holder line, in our own file
+    finally:
+        card.release()
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo"])
+def test_a_planted_lock_file_is_not_followed(tmp_path, kind):
+    """A link at a card's lock path (another user's, were the folder shared) is never followed: the file
+    it points to keeps its bytes and the job stops, naming the link; a FIFO does not hang it."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    precious = tmp_path / "precious.safetensors"
+    precious.write_bytes(b"twelve bytes")
+    planted = locks / f"{CARDS[0]}.lock"
+    if kind == "link":
+        planted.symlink_to(precious)
+    else:
+        os.mkfifo(planted)
+    env = {"TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_LOCK_DIR": str(locks), "TURBOWAN_GPU_WAIT_S": "0"}
+    with pytest.raises(UnsafeLockFile) as err:
+        assign_gpu("x", env=env)
+    message = str(err.value)
+    assert str(planted) in message
+    assert ("is a symbolic link made by" in message) if kind == "link" else ("not a regular file" in message)
+    assert precious.read_bytes() == b"twelve bytes"
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o755, 0o1755])
+def test_a_lock_folder_open_to_others_is_refused(tmp_path, mode):
+    """A lock folder others may write or read (and not an administrator's sticky one) is refused, with a
+    message naming the folder, its owner and its mode."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    locks.chmod(mode)
+    with pytest.raises(UnsafeFolder) as err:
+        assign_gpu("x", env={"TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_LOCK_DIR": str(locks)})
+    message = str(err.value)
+    assert f"GPU lock folder {locks}: owned by " in message and f"uid {os.getuid()}" in message
+    assert f"mode {mode:04o}" in message and "refusing it" in message
+    assert list(locks.iterdir()) == []
+
+
+def test_a_named_lock_folder_that_does_not_exist_is_made_private(tmp_path):
+    locks = tmp_path / "new" / "locks"
+    card = assign_gpu("x", env={"TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_LOCK_DIR": str(locks)})
+    card.release()
+    assert stat.S_IMODE(os.lstat(locks).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(locks / f"{CARDS[0]}.lock").st_mode) == 0o600
+    link = tmp_path / "link"
+    link.symlink_to(locks)
+    with pytest.raises(UnsafeFolder, match=f"GPU lock folder {link}: is a link or not a folder"):
+        assign_gpu("x", env={"TURBOWAN_GPUS": CARDS[0], "TURBOWAN_GPU_LOCK_DIR": str(link)})
+
+
+def test_make_gpu_installs_turbodiffusion_against_the_venvs_torch():
+    """`make gpu` (not run here: no GPU) checks for nvcc and a CUDA torch, then installs turbodiffusion."""
+    proc = subprocess.run(["make", "-n", "gpu"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    pip = ".venv/bin/python -m pip install --no-build-isolation --no-deps turbodiffusion"
+    assert pip in lines
+    before = "\n".join(lines[:lines.index(pip)])
+    assert "command -v nvcc" in before and "assert torch.version.cuda" in before
