@@ -186,12 +186,11 @@ def test_the_model_libraries_import_with_the_unused_packages_hidden():
 def test_the_default_lock_folder_is_private(tmp_path):
     """Without TURBOWAN_GPU_LOCK_DIR the locks live in the user's private folder (0700, ours), not in a
     fixed /tmp name that another user could have made first."""
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    card = assign_gpu("x", env={"TURBOWAN_GPUS": CARDS[0], "XDG_RUNTIME_DIR": str(runtime)})
+    cache = tmp_path / "cache"
+    card = assign_gpu("x", env={"TURBOWAN_GPUS": CARDS[0], "XDG_CACHE_HOME": str(cache)})
     try:
         lock = Path(card.lock_path)
-        assert lock == runtime / "turbowan" / "locks" / f"{CARDS[0]}.lock"
+        assert lock == cache / "turbowan" / "locks" / f"{CARDS[0]}.lock"
         folder = os.lstat(lock.parent)
         assert folder.st_uid == os.getuid() and stat.S_IMODE(folder.st_mode) == 0o700
         info = os.lstat(lock)

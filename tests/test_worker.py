@@ -29,7 +29,6 @@ SECOND_UID = 65534  # nobody
 def private_home(tmp_path, monkeypatch):
     """Private folders (sockets, locks, caches) of this test alone."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -96,6 +96,6 @@ def _missing(role: str, path: str) -> str:
     repo = KNOWN_SOURCES.get(Path(path).name)
     if repo:
         message += (f" (fetch https://huggingface.co/{repo}/resolve/main/{Path(path).name}, or add "
-                    f"download.{role}: {{repo: {repo}, file: {Path(path).name}}} to the config and run "
-                    "`snakemake download_models`)")
+                    f"download.{role}: {{repo: {repo}, file: {Path(path).name}, revision: <commit>}} to the config "
+                    "and run `snakemake download_models`)")
     return message

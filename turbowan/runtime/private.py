@@ -2,10 +2,11 @@
 worker sockets, the compilers' caches.
 
 A fixed name in /tmp can be made first by another user, who then owns what we put there (or
-plants links in it). So every such folder lives under a base only this user can reach:
-`$XDG_RUNTIME_DIR/turbowan` (a tmpfs the login session gives each user, mode 0700), else
-`~/.cache/turbowan`. A folder that exists already is used only when it is a real folder (not a
-link), owned by this user, and not readable or writable by others.
+plants links in it). So every such folder lives under a base only this user can reach,
+`$XDG_CACHE_HOME/turbowan` (`~/.cache/turbowan`). One base whatever the session: a job started
+from cron and one from a login shell must find the same card locks and the same workers (a login
+session's `$XDG_RUNTIME_DIR` would not be there for the first). A folder that exists already is
+used only when it is a real folder (not a link), owned by this user, and not open to others.
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ def ensure_private(path: str | os.PathLike) -> Path:
 
 def private_base(env: Mapping[str, str] = os.environ) -> Path:
     """This user's private base folder (created on first use)."""
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and os.stat(runtime).st_uid == os.getuid():
-        return ensure_private(Path(runtime) / "turbowan")
     cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return ensure_private(Path(cache) / "turbowan")
 

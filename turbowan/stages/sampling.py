@@ -67,6 +67,8 @@ class _Expert:
             text_emb: torch.Tensor, y: torch.Tensor) -> SamplerState:
         """Steps state.next_step .. stop-1 of one row."""
         model = loading.expert(self.ctx, self.path, self.device, self.dtype, *self.options)
+        if model.kernels_fallback:  # (the summary looks for this line in every row's log)
+            log.warning("kernels: plain-torch fallback on cuda (%s)", model.kernels_fallback)
         _check_text_width(model, text_emb, text, self.path)
         velocity = dit_velocity(model, text_emb, y, resolve_dtype(self.dtype))
         return run_steps(state, velocity, t, stop, ode, name, before_step=self.ctx.check)

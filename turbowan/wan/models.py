@@ -239,9 +239,23 @@ def load_transformer(
         f"; blocks in {slices} slices (tokens; SLA by heads)" if slices > 1 else "",
         "; blocks compiled (torch.compile, on first use)" if compile else "", took(path, started),
     )
+    model.kernels_fallback = _kernels_fallback(device, kernels, implementation, int8_backend)
     if mode == "sdpa" and info.sla:
         log.warning("%s carries SLA weights, but attention is sdpa: the SLA linear branch is dropped", path)
     return model
+
+
+def _kernels_fallback(device: torch.device, kernels: bool, implementation: str, int8_backend: str | None) -> str:
+    """Why a GPU expert runs plain-torch SLA or int8 where TurboDiffusion's kernels would be faster
+    ("" when it does not): the sampling stages log it for every row, and the summary shows it."""
+    if device.type != "cuda" or not kernels:
+        return ""
+    why = []
+    if implementation == "plain torch SLA":
+        why.append("SLA attention: turbodiffusion.SLA not importable")
+    if int8_backend == "torch":
+        why.append("int8 linears: turbodiffusion.ops not importable")
+    return "; ".join(why)
 
 
 # --------------------------------------------------------------------------- the VAE
