@@ -1,12 +1,12 @@
 """What a model file is, told by its content (tensor names, dtypes, shapes), never by its name.
 
 Users arrive with TurboDiffusion / Wan `.pth` files, their int8 versions, and ComfyUI single-file
-safetensors (REFERENCE.md section 3). `inspect_model` reads only a file's index (names, dtypes,
-shapes; no tensor data), recognises the layout, reads the network sizes off the shapes and checks
-that the file is complete. Anything else gets a `CheckpointError` that names the file, says what
-it looks like, and what was expected. `check_model_set` then checks that the files fit together
-(both experts of one size, the text encoder's width = the experts' text width, the VAE's latent
-channels = the experts').
+safetensors (docs/reference.md, "Checkpoint files"). `inspect_model` reads only a file's index
+(names, dtypes, shapes; no tensor data), recognises the layout, reads the network sizes off the
+shapes and checks that the file is complete. Anything else gets a `CheckpointError` that names
+the file, says what it looks like, and what was expected. `check_model_set` then checks that the
+files fit together (both experts of one size, the text encoder's width = the experts' text width,
+the VAE's latent channels = the experts').
 """
 
 from __future__ import annotations

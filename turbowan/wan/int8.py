@@ -1,7 +1,8 @@
 """Int8 experts (TurboDiffusion's `-quant.pth`): 128x128 blockwise int8 weights, on any machine.
 
-Format (REFERENCE.md section 3): each Linear inside `blocks` (but SLA's proj_l) is stored as
-`int8_weight` int8 [out, in], `scale` float32 [ceil(out/128), ceil(in/128)] and `bias`, with
+Format (docs/reference.md, "The int8 format"): each Linear inside `blocks` (but SLA's proj_l) is
+stored as `int8_weight` int8 [out, in], `scale` float32 [ceil(out/128), ceil(in/128)] and `bias`,
+with
     W[i, j] ~ int8_weight[i, j] * scale[i // 128, j // 128].
 
 Two ways to run them, swapped into diffusers' WanTransformer3DModel in place of nn.Linear:

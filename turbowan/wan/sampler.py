@@ -3,7 +3,8 @@
 `sample_high` and `sample_low` run in different processes (one expert each). Everything the
 loop carries from one step to the next is in `SamplerState`: the float64 state `x`, the random
 generator's state and the index of the next step. Saving it after the high steps and restoring
-it before the low steps reproduces the single-process loop bit for bit (REFERENCE.md section 1).
+it before the low steps reproduces the single-process loop bit for bit (docs/reference.md, "The
+sampler").
 """
 
 from __future__ import annotations

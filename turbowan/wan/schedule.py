@@ -1,4 +1,4 @@
-"""The rCM time schedule and which expert runs which step (REFERENCE.md section 1)."""
+"""The rCM time schedule and which expert runs which step (docs/reference.md, "The sampler")."""
 
 from __future__ import annotations
 

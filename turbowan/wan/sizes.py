@@ -1,4 +1,7 @@
-"""Frame sizes and frame counts: the presets, adaptive sizing, and their rules (REFERENCE.md section 2)."""
+"""Frame sizes and frame counts: the presets, adaptive sizing, and their rules.
+
+docs/reference.md, "Sizes", has the preset table and the adaptive sizing formula.
+"""
 
 from __future__ import annotations
 

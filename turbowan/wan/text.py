@@ -1,4 +1,4 @@
-"""Prompt -> umT5 text embedding [1, 512, d_model] (REFERENCE.md section 2)."""
+"""Prompt -> umT5 text embedding [1, 512, d_model] (docs/reference.md, "The text")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The VAE side of a row: image -> conditioning y, final latent -> frames (REFERENCE.md section 2)."""
+"""The VAE side of a row: image -> conditioning y, final latent -> frames.
+
+docs/reference.md, "Conditioning": the VAE input, the latent constants, the mask and y's layout.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +19,12 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def encode_condition(vae, image: torch.Tensor, num_frames: int) -> torch.Tensor:
     """y = cat([mask, latent]) [1, 20, lat_t, lat_h, lat_w] in bfloat16.
 
-    image: [1, 3, h, w] in [-1, 1]. The VAE sees the image followed by num_frames-1 black
-    frames; the mask marks the first latent frame as given.
+    image: [1, 3, h, w] in [-1, 1]. The VAE sees the image followed by num_frames-1 frames of
+    zeros (mid-grey on the [-1, 1] scale); the mask marks the first latent frame as given.
     """
     device, dtype = vae.device, vae.dtype
     _, _, h, w = image.shape
-    # made on the VAE's device: at 720p the black frames are 0.9 GB in float32 on the host
+    # made on the VAE's device: at 720p the zero frames would be 0.9 GB in float32 on the host
     video = torch.zeros(1, 3, num_frames, h, w, device=device, dtype=dtype)  # [1, 3, F, h, w]
     video[:, :, 0] = image.to(device=device, dtype=dtype)
     mu = vae.encode(video).latent_dist.mean.float()
@@ -34,7 +37,11 @@ def encode_condition(vae, image: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_frames(vae, x: torch.Tensor) -> torch.Tensor:
-    """Final sampler state [1, 16, lat_t, lat_h, lat_w] -> frames uint8 [F, H, W, 3]."""
+    """Final sampler state [1, 16, lat_t, lat_h, lat_w] -> frames uint8 [F, H, W, 3].
+
+    Rounded to nearest, ties to even (torch.round); TurboDiffusion's writer rounds ties up
+    (docs/reference.md, "Where this pipeline deliberately differs from TurboDiffusion's script").
+    """
     latent = x.float().to(vae.device)
     mean, std = _latent_stats(vae, latent)
     video = vae.decode((latent * std + mean).to(vae.dtype)).sample.float()  # [1, 3, F, H, W]
