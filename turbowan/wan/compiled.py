@@ -1,11 +1,12 @@
 """Compiled expert blocks: torch.compile over the 40 transformer blocks of an expert.
 
-About a quarter of an eager 720p forward goes to small elementwise passes: float32 layer norms and
-their modulation, the q/k RMS norms, RoPE, gates and residuals, each one a full read and write of
-a 75,600 x 5,120 activation. Inductor fuses them. Compiling each block on its own ("regional
+A good part of an eager forward goes to small elementwise passes: float32 layer norms and their
+modulation, the q/k RMS norms, RoPE, gates and residuals, each one a full read and write of a
+75,600 x 5,120 activation at 720p. Inductor fuses them. Compiling each block on its own ("regional
 compilation") compiles the block's code once and reuses it for all 40 blocks, so a job pays one
 compile of one block, not of the whole network. Inductor's on-disk cache makes every later job's
-compile shorter than the first's. On an H100 at 720p a forward takes 4.6 s instead of 5.9 s.
+compile shorter than the first's. What it saves on a GPU: BENCHMARKS.md ("Reference
+measurements", and the eager/compiled probe).
 
 SLA's Triton kernel and turbodiffusion's int8 GEMM stay outside the compiled graphs
 (`torch.compiler.disable` at their calls): the graphs stop and resume around them.

@@ -111,17 +111,17 @@ def _stream_state_dict(
 
 
 # Python's GIL switch interval while a stream runs beside an import (default 5 ms): the stream
-# thread waits for the GIL after each read and copy, and the import would hold it that long. In
-# the pipeline on an H200 an expert's load took 7.8 s with 1 ms and 8.8-10.2 s with 5 ms, but a
-# probe run beside a busy job gave 7.6 s against 6.7 s (BENCHMARKS.md): not settled.
+# thread waits for the GIL after each read and copy, and the import would hold it that long. Whether
+# the shorter interval helps is not settled: GPU measurements went both ways (BENCHMARKS.md,
+# session 4, "Not shown either way").
 STREAM_SWITCH_INTERVAL_S = 0.001
 
 
 @contextmanager
 def _streaming(info: ModelInfo, table: dict[str, str], device: torch.device, dtype_for, transform=None):
     """Stream the file's tensors to the device in a background thread while the caller imports
-    diffusers or transformers and builds the empty network: the imports take seconds in every job
-    (6 s on the H100 machine), and so does reading a 28.6 GB expert (4 s warm), so the two overlap.
+    diffusers or transformers and builds the empty network: the imports take seconds in every job,
+    and so does reading a 28.6 GB expert even from the page cache, so the two overlap (BENCHMARKS.md).
     Yields a function that waits for the state dict; if the caller fails first, the stream stops.
     The two share Python's GIL (STREAM_SWITCH_INTERVAL_S)."""
     stop = threading.Event()
@@ -172,9 +172,9 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
 
 
 # The expert's modules kept in float32: diffusers' WanTransformer3DModel._keep_in_fp32_modules
-# (time embedder, norms, modulation tables) and SLA's proj_l (REFERENCE.md section 4). Written out
-# so that the weights can stream in their final dtypes while diffusers is still being imported; a
-# test holds it equal to diffusers' list.
+# (time embedder, norms, modulation tables) and SLA's proj_l (docs/reference.md, "Mapping onto
+# diffusers and transformers"). Written out so that the weights can stream in their final dtypes
+# while diffusers is still being imported; a test holds it equal to diffusers' list.
 DIT_FP32_MODULES = frozenset({"rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "proj_l"})
 
 

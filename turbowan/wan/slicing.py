@@ -1,12 +1,13 @@
 """Expert blocks that work in slices: the same output with a fraction of the working memory.
 
 At 720p a block's activations are 75,600 tokens x 5,120 channels (0.72 GiB in bf16, twice that
-in the float32 the norms and residuals use), and its feed-forward is 13,824 wide. Eager, a bf16
-expert job needs about 10 GiB on top of its weights: too much for an int8 expert (13.6 GiB) on a
-24 GB card. Nearly all of a block works token by token (norms, modulation, projections, RoPE,
-cross-attention queries, the feed-forward, residuals); only self-attention mixes tokens, and SLA
-works head by head. So `SlicedBlock` runs the token-wise parts over slices of the sequence and
-SLA over groups of heads, keeping whole only q, k, v and the attention output.
+in the float32 the norms and residuals use), and its feed-forward is 13,824 wide. Eager and
+unsliced, an expert job holds several of these at once on top of its weights: too much beside an
+int8 expert (13.6 GiB) on a 24 GB card (measured peaks: BENCHMARKS.md). Nearly all of a block
+works token by token (norms, modulation, projections, RoPE, cross-attention queries, the
+feed-forward, residuals); only self-attention mixes tokens, and SLA works head by head. So
+`SlicedBlock` runs the token-wise parts over slices of the sequence and SLA over groups of heads,
+keeping whole only q, k, v and the attention output.
 """
 
 from __future__ import annotations
