@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from turbowan import stages
 from turbowan.files.artifacts import load_artifact
+from turbowan.stages.conditioning import encode_image
+from turbowan.stages.prompt import encode_prompt
+from turbowan.stages.sampling import sample_high, sample_low
 from turbowan.wan.sizes import latent_shape
 
 from .conftest import write_image
@@ -17,12 +19,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 4])
 def test_split_equals_single_process_on_cuda(demo_models, tmp_path, ode, num_steps):
     text, cond = str(tmp_path / "text.safetensors"), str(tmp_path / "cond.safetensors")
-    stages.encode_prompt("a red car", demo_models["text_encoder"], demo_models["tokenizer"], text, "cuda")
-    stages.encode_image(str(write_image(tmp_path / "in.png", 60, 40)), demo_models["vae"], cond, VIDEO, "cuda")
+    (tmp_path / "prompt.txt").write_text("a red car", encoding="utf-8")
+    encode_prompt(str(tmp_path / "prompt.txt"), demo_models["text_encoder"], demo_models["tokenizer"], text, "cuda")
+    encode_image(str(write_image(tmp_path / "in.png", 60, 40)), demo_models["vae"], cond, VIDEO, "cuda")
     sampling = {"seed": 99, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": ode}
     boundary, latent = str(tmp_path / "b.safetensors"), str(tmp_path / "l.safetensors")
-    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cuda")
-    stages.sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cuda")
+    sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cuda")
+    sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cuda")
     split = load_artifact(latent, "sample_low", {"x": (latent_shape(**VIDEO), torch.float64)})[0]["x"]
     reference = single_process(demo_models, text, cond, sampling, device="cuda").cpu()
     assert torch.equal(split, reference)

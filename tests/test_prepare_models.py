@@ -11,11 +11,15 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import run_snakemake, write_image
-from turbowan import mp4
-from turbowan import stages
 from turbowan.files.artifacts import load_artifact, read_record
 from turbowan.files.convert import write_safetensors
 from turbowan.demo import write_official_pth
+from turbowan.stages.conditioning import encode_image
+from turbowan.stages.context import StageContext
+from turbowan.stages.decoding import decode
+from turbowan.stages.prompt import encode_prompt
+from turbowan.stages.sampling import sample_high, sample_low
+from turbowan.stages.video import encode_video
 from turbowan.wan.sizes import latent_shape
 
 VIDEO = {"width": 48, "height": 32, "num_frames": 9}
@@ -85,16 +89,20 @@ def test_pth_models_are_prepared_once_and_give_the_safetensors_video(demo_models
 
 
 def _reference_row(demo_models, tmp_path):
+    """The row through the stage functions, one context for all of them (as a worker keeps one)."""
     ref = tmp_path / "reference"
+    ref.mkdir()
     text, cond = str(ref / "text.safetensors"), str(ref / "cond.safetensors")
     image = str(tmp_path / "in.png")
-    stages.encode_prompt(PROMPT, demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu")
-    stages.encode_image(image, demo_models["vae"], cond, VIDEO, "cpu")
-    stages.sample_high(text, cond, demo_models["high"], str(ref / "b.safetensors"), SAMPLING, VIDEO, "cpu")
-    stages.sample_low(text, cond, str(ref / "b.safetensors"), demo_models["low"], str(ref / "l.safetensors"),
-                      SAMPLING, VIDEO, "cpu")
-    stages.decode(str(ref / "l.safetensors"), demo_models["vae"], str(ref / "frames"), VIDEO, "cpu")
-    mp4.encode_video(str(ref / "frames"), str(ref / "video.mp4"), VIDEO, fps=16, quality=8)
+    (ref / "prompt.txt").write_text(PROMPT, encoding="utf-8")
+    ctx = StageContext()
+    encode_prompt(str(ref / "prompt.txt"), demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu", ctx=ctx)
+    encode_image(image, demo_models["vae"], cond, VIDEO, "cpu", ctx=ctx)
+    sample_high(text, cond, demo_models["high"], str(ref / "b.safetensors"), SAMPLING, VIDEO, "cpu", ctx=ctx)
+    sample_low(text, cond, str(ref / "b.safetensors"), demo_models["low"], str(ref / "l.safetensors"),
+               SAMPLING, VIDEO, "cpu", ctx=ctx)
+    decode(str(ref / "l.safetensors"), demo_models["vae"], str(ref / "frames"), VIDEO, "cpu", ctx=ctx)
+    encode_video(str(ref / "frames"), str(ref / "video.mp4"), VIDEO, fps=16, quality=8)
     return ref
 
 
@@ -116,9 +124,10 @@ def test_download_offline_fails_at_once_listing_the_files(demo_models, tmp_path)
         "tokenizer": str(tmp_path / "models" / "umt5-xxl"),
     }
     repo = "TurboDiffusion/TurboWan2.2-I2V-A14B-720P"
-    download = {"high": {"repo": repo, "file": "TurboWan2.2-I2V-A14B-high-720P.pth"},
-                "low": {"repo": repo, "file": "TurboWan2.2-I2V-A14B-low-720P.pth"},
-                "tokenizer": {"repo": "Wan-AI/Wan2.1-T2V-1.3B", "folder": "google/umt5-xxl"}}
+    commit = "0123456789abcdef0123456789abcdef01234567"  # every download names its revision
+    download = {"high": {"repo": repo, "file": "TurboWan2.2-I2V-A14B-high-720P.pth", "revision": commit},
+                "low": {"repo": repo, "file": "TurboWan2.2-I2V-A14B-low-720P.pth", "revision": commit},
+                "tokenizer": {"repo": "Wan-AI/Wan2.1-T2V-1.3B", "folder": "google/umt5-xxl", "revision": "main"}}
     config = write_config(tmp_path, models, download=download)
     # ("--": --configfile takes every argument after it)
     proc = run_snakemake(tmp_path, "--configfile", str(config), "--", "download_models", check=False,
@@ -130,8 +139,8 @@ def test_download_offline_fails_at_once_listing_the_files(demo_models, tmp_path)
     assert {p.name for p in log_dir.glob("*.log")} <= {
         "high.log", "low.log", "tokenizer.log"}
     for role, url, dest in [
-        ("high", f"https://huggingface.co/{repo}/resolve/main/TurboWan2.2-I2V-A14B-high-720P.pth", models["high"]),
-        ("low", f"https://huggingface.co/{repo}/resolve/main/TurboWan2.2-I2V-A14B-low-720P.pth", models["low"]),
+        ("high", f"https://huggingface.co/{repo}/resolve/{commit}/TurboWan2.2-I2V-A14B-high-720P.pth", models["high"]),
+        ("low", f"https://huggingface.co/{repo}/resolve/{commit}/TurboWan2.2-I2V-A14B-low-720P.pth", models["low"]),
         ("tokenizer", "https://huggingface.co/Wan-AI/Wan2.1-T2V-1.3B/tree/main/google/umt5-xxl", models["tokenizer"]),
     ]:
         assert f"models.{role}: fetch {url}" in logs and f"put it at {dest}" in logs

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from turbowan import stages
 from turbowan.files.artifacts import load_artifact
+from turbowan.stages.conditioning import encode_image
 from turbowan.wan.image import ImageError, image_size, open_rgb, preprocess
 from turbowan.wan.models import load_text_encoder, load_tokenizer, load_vae
 from turbowan.wan.sizes import PRESETS, adaptive_size, choose_size, frames_ok, latent_shape, size_problem
@@ -123,6 +123,6 @@ def test_conditioning_tensor_layout(demo_models, tmp_path):
 def test_encode_image_stage_records_its_parameters(demo_models, tmp_path):
     out = tmp_path / "cond.safetensors"
     video = {"width": 48, "height": 32, "num_frames": 5}
-    stages.encode_image(str(write_image(tmp_path / "a.png", 50, 30)), demo_models["vae"], str(out), video, "cpu")
+    encode_image(str(write_image(tmp_path / "a.png", 50, 30)), demo_models["vae"], str(out), video, "cpu")
     tensors, record = load_artifact(out, "encode_image", {"y": ((1, 20, 2, 4, 6), torch.bfloat16)}, params=video)
     assert record["inputs"]["image"]["sha256"] and record["versions"]["torch"] == torch.__version__

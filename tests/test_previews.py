@@ -108,7 +108,7 @@ def test_frame_count(video):
 
 def test_the_mp4_and_preview_jobs_run_without_torch(tmp_path):
     """These are per-row CPU jobs, one after another with `--cores 1`: importing torch would add
-    a second and a half to each. Their whole stage, store included, runs in a process without it."""
+    a second and a half to each. Their whole job, logging included, runs in a process without it."""
     import subprocess
     import sys
 
@@ -118,25 +118,29 @@ def test_the_mp4_and_preview_jobs_run_without_torch(tmp_path):
 
     frames = torch.stack([torch.full((H, W, 3), 10 + 14 * i, dtype=torch.uint8) for i in range(FRAMES)])
     save_frames(frames, tmp_path / "frames", {"made_by": "this test"})
+    (tmp_path / "prompt.txt").write_text("a prompt", encoding="utf-8")
     code = f"""
 import sys
-from turbowan.jobs import run_stage
-from turbowan.mp4 import encode_video
+from turbowan.runtime.jobs import run_cpu_job
+from turbowan.stages.video import encode_video
 from turbowan.report.previews import make_previews
 out = {str(tmp_path)!r}
-run_stage("encode_video", None, encode_video, frames_dir=out + "/frames", out=out + "/video.mp4",
-          video={{"width": {W}, "height": {H}, "num_frames": {FRAMES}}}, fps={FPS}, quality=8, key="row0",
-          store=out + "/.store")
-run_stage("previews", None, make_previews, video=out + "/video.mp4", contact_sheet_out=out + "/sheet.png",
-          animation_out=out + "/preview.gif", row_id="row0", prompt="a prompt")
+run_cpu_job("encode_video", out + "/logs/encode_video.log", encode_video, key="row0", frames_dir=out + "/frames",
+            out=out + "/video.mp4", video={{"width": {W}, "height": {H}, "num_frames": {FRAMES}}}, fps={FPS},
+            quality=8)
+run_cpu_job("previews", out + "/logs/previews.log", make_previews, key="row0", video=out + "/video.mp4",
+            prompt_file=out + "/prompt.txt", contact_sheet_out=out + "/sheet.png", animation_out=out + "/preview.gif",
+            row_id="row0")
 print("torch imported:", "torch" in sys.modules)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "torch imported: False"
+    assert proc.stdout.strip().splitlines()[-1] == "torch imported: False"
     assert frame_count(tmp_path / "video.mp4") == FRAMES
     assert (tmp_path / "sheet.png").is_file() and (tmp_path / "preview.gif").is_file()
-    assert (tmp_path / "video.mp4").stat().st_nlink == 2  # and its twin in the store
+    assert (tmp_path / "video.mp4").stat().st_nlink == 1  # written in place: no second link anywhere
+    for name in ("encode_video", "previews"):
+        assert f"{name} done in" in (tmp_path / "logs" / f"{name}.log").read_text()
 
 
 def test_frames_are_counted_from_the_packets_as_decoding_counts_them(video, tmp_path):

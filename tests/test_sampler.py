@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from turbowan import stages
 from turbowan.files.artifacts import ArtifactError, load_artifact
 from turbowan.wan.models import load_transformer
 from turbowan.wan.sampler import dit_velocity, rcm_step, sample_single_process
+from turbowan.stages import loading
+from turbowan.stages.conditioning import encode_image
+from turbowan.stages.prompt import encode_prompt
+from turbowan.stages.sampling import sample_high, sample_low
 from turbowan.wan.sizes import latent_shape
 
 VIDEO = {"width": 48, "height": 32, "num_frames": 9}
@@ -19,8 +22,10 @@ def conditions(demo_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cond")
     image = write_image(folder / "in.png", 60, 40, seed=3)
     text, cond = str(folder / "text.safetensors"), str(folder / "cond.safetensors")
-    stages.encode_prompt("a red car, in the rain", demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu")
-    stages.encode_image(str(image), demo_models["vae"], cond, VIDEO, "cpu")
+    prompt = folder / "prompt.txt"
+    prompt.write_text("a red car, in the rain", encoding="utf-8")
+    encode_prompt(str(prompt), demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu")
+    encode_image(str(image), demo_models["vae"], cond, VIDEO, "cpu")
     return text, cond
 
 
@@ -42,8 +47,8 @@ def test_split_equals_single_process(demo_models, conditions, tmp_path, ode, num
     text, cond = conditions
     sampling = {"seed": 1234, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": ode}
     boundary, latent = str(tmp_path / "boundary.safetensors"), str(tmp_path / "latent.safetensors")
-    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
-    stages.sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cpu")
+    sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
+    sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cpu")
     split = load_artifact(latent, "sample_low", {"x": (latent_shape(**VIDEO), torch.float64)})[0]["x"]
 
     reference = single_process(demo_models, text, cond, sampling)
@@ -59,23 +64,56 @@ def test_low_expert_loaded_only_when_it_has_steps(demo_models, conditions, tmp_p
     text, cond = conditions
     sampling = {"seed": 5, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": False}
     boundary = str(tmp_path / "boundary.safetensors")
-    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
+    sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
     loaded = []
-    real = stages.load_transformer
-    monkeypatch.setattr(stages, "load_transformer", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
-    stages.sample_low(text, cond, boundary, demo_models["low"], str(tmp_path / "latent.safetensors"), sampling, VIDEO, "cpu")
+    real = loading.load_transformer
+    monkeypatch.setattr(loading, "load_transformer", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    sample_low(text, cond, boundary, demo_models["low"], str(tmp_path / "latent.safetensors"), sampling, VIDEO, "cpu")
     assert loaded == ([demo_models["low"]] if low_loaded else [])
     saved = load_artifact(boundary, "sample_high", {"next_step": ((1,), torch.int64)})[0]
     assert saved["next_step"].item() == min(num_steps, 2)
+
+
+def test_one_shared_context_loads_each_expert_once_and_gives_the_same_latents(demo_models, conditions, tmp_path,
+                                                                             monkeypatch):
+    """Rows through one StageContext (as a worker, or bench's reference loop, keeps one) equal rows
+    each run with a fresh context; the experts are loaded for the first row only."""
+    from turbowan.stages.context import StageContext
+
+    text, cond = conditions
+    rows = {"a": {"seed": 11, "num_steps": 4, "sigma_max": 200.0, "boundary": 0.9, "ode": False},
+            "b": {"seed": 12, "num_steps": 3, "sigma_max": 200.0, "boundary": 0.9, "ode": True}}
+
+    def run(folder, ctx_for):
+        folder.mkdir()
+        latents = {}
+        for name, sampling in rows.items():
+            boundary, latent = str(folder / f"{name}-b.safetensors"), str(folder / f"{name}-l.safetensors")
+            sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu", ctx=ctx_for())
+            sample_low(text, cond, boundary, demo_models["low"], latent, sampling, VIDEO, "cpu", ctx=ctx_for())
+            latents[name] = load_artifact(latent, "sample_low", {"x": (latent_shape(**VIDEO), torch.float64)})[0]["x"]
+        return latents
+
+    fresh = run(tmp_path / "fresh", lambda: None)
+    loaded = []
+    real = loading.load_transformer
+    monkeypatch.setattr(loading, "load_transformer", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    ctx = StageContext()
+    shared = run(tmp_path / "shared", lambda: ctx)
+    assert sorted(loaded) == sorted([demo_models["high"], demo_models["low"]])
+    assert len(ctx.models) == 2
+    for name in rows:
+        assert torch.equal(shared[name], fresh[name]), name
+    assert not torch.equal(shared["a"], shared["b"])
 
 
 def test_low_stage_refuses_a_boundary_made_with_other_parameters(demo_models, conditions, tmp_path):
     text, cond = conditions
     sampling = {"seed": 5, "num_steps": 4, "sigma_max": 200.0, "boundary": 0.9, "ode": False}
     boundary = str(tmp_path / "boundary.safetensors")
-    stages.sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
+    sample_high(text, cond, demo_models["high"], boundary, sampling, VIDEO, "cpu")
     with pytest.raises(ArtifactError, match=r"boundary.safetensors: was made with seed=5.*seed=6"):
-        stages.sample_low(text, cond, boundary, demo_models["low"], str(tmp_path / "l.safetensors"),
+        sample_low(text, cond, boundary, demo_models["low"], str(tmp_path / "l.safetensors"),
                           {**sampling, "seed": 6}, VIDEO, "cpu")
     assert not (tmp_path / "l.safetensors").exists()
 
