@@ -3,11 +3,13 @@ it, what it runs, and what happens when a job or the worker itself goes away."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,16 +228,19 @@ def test_another_user_cannot_reach_the_worker(prompt_job, running_worker, tmp_pa
     """The socket's folder keeps other users out; and were the socket reachable (an open folder), the
     worker still refuses them by their uid."""
     path, pid = running_worker
-    code = ("import socket, sys\n"
+    code = ("import os, socket\n"
+            f"path = {str(path)!r}\n"
             "s = socket.socket(socket.AF_UNIX)\n"
-            "try:\n    s.connect(sys.argv[1] if len(sys.argv) > 1 else %r)\n"
-            "except PermissionError:\n    print('refused by permissions')\n") % str(path)
+            "try:\n"
+            "    folder = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)\n"
+            "    s.connect(f'/proc/self/fd/{folder}/{os.path.basename(path)}')\n"
+            "except PermissionError:\n"
+            "    print('refused by permissions')\n")
     out = run_as(SECOND_UID, code, {"PATH": os.environ["PATH"]})
     assert "refused by permissions" in out.stdout, out.stdout + out.stderr
 
-    # an open folder and socket: only the uid check stands between
-    shared = tmp_path / "open"
-    shared.mkdir(mode=0o777)
+    # a socket anyone could reach (an open folder in /tmp, an open socket): only the uid check is left
+    shared = Path(tempfile.mkdtemp(prefix="tw-open-", dir="/tmp"))
     os.chmod(shared, 0o777)
     open_path = shared / "w.sock"
     server = worker.Worker(open_path, "cpu", idle_s=60, watch_pid=None)
@@ -243,20 +248,25 @@ def test_another_user_cannot_reach_the_worker(prompt_job, running_worker, tmp_pa
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not open_path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while (probe := worker.connect(open_path)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # (listening: its own chmod 0600 is done)
+    probe.close()
     os.chmod(open_path, 0o777)
     payload = encoded(request("encode_prompt", prompt_job("theirs.safetensors")))
     code = ("import socket, sys\n"
             f"s = socket.socket(socket.AF_UNIX); s.connect({str(open_path)!r})\n"
-            f"s.sendall({payload!r})\n"
-            "print('answer:', s.recv(4096))\n")
+            "try:\n"
+            f"    s.sendall({payload!r})\n"
+            "    print('answer:', s.recv(4096))\n"
+            "except (BrokenPipeError, ConnectionResetError):\n"
+            "    print('answer:', b'')\n")
     out = run_as(SECOND_UID, code, {"PATH": os.environ["PATH"]})
-    assert "answer: b''" in out.stdout, out.stdout + out.stderr  # closed without a word
+    assert "answer: b''" in out.stdout, out.stdout + out.stderr  # connected, then closed without a word
     assert not Path("theirs.safetensors").exists()
     server.ending = True
     exchange(open_path, encoded(request("encode_prompt", prompt_job())))  # (wakes it to end)
     thread.join(timeout=60)
+    shutil.rmtree(shared)
 
 
 def test_jobs_whose_environments_differ_share_the_worker(prompt_job, running_worker, monkeypatch):
