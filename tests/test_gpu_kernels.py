@@ -115,7 +115,7 @@ def test_int8_linear_kernel_matches_the_cpu_path(cuda, turbo_int8, out_features,
         out_kernel, out_plain = kernel(x), plain(x)
     assert out_kernel.shape == out_plain.shape == (1, L_TOKENS, out_features)
     rel = _rel(out_kernel, out_plain)
-    # only the kernel's activation quantisation (per 128x128 block) differs: ~0.5-1% (REFERENCE.md 6)
+    # only the kernel's activation quantisation (per 128x128 block) differs: ~0.5-1% (BENCHMARKS.md, "Reference measurements")
     assert 0 < rel < 2.5e-2, rel
 
 

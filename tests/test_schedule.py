@@ -1,4 +1,4 @@
-"""The rCM schedule and the expert split, against the numbers in REFERENCE.md section 1."""
+"""The rCM schedule and the expert split, against the numbers in docs/reference.md, "The sampler"."""
 
 import pytest
 import torch

@@ -37,7 +37,7 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclass(frozen=True)
 class KnownFile:
-    """A published file (or folder) of REFERENCE.md section 3 and the commit it is pinned to."""
+    """A published file (or folder) users need (docs/reference.md, "Checkpoint files") and the commit it is pinned to."""
 
     repo: str
     path: str
@@ -45,7 +45,7 @@ class KnownFile:
     folder: bool = False
 
 
-# The files REFERENCE.md section 3 lists, where they are published, and the commit each is pinned
+# The files of docs/reference.md, "Checkpoint files", where they are published, and the commit each is pinned
 # to. revision None means not pinned yet: this table was written without access to the hub, and a
 # commit id that was not looked up must not be made up. To pin one, take the commit id from
 # https://huggingface.co/<repo>/commits/main (or `git ls-remote https://huggingface.co/<repo> main`)
