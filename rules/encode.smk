@@ -17,7 +17,7 @@ rule write_prompt:
 
 rule encode_prompt:
     input:
-        prompt=LAYOUT.prompt("{prompt_key}"),
+        prompt_file=LAYOUT.prompt("{prompt_key}"),
         text_encoder=MODEL_INPUTS["text_encoder"],
         tokenizer=MODEL_INPUTS["tokenizer"],
     output:

@@ -1,7 +1,7 @@
 # Sampling, one expert per job: the high-noise steps, then the low-noise steps, one job per row.
 
 
-# What both expert stages take from the config.
+# What both expert stages take from the config (the stage functions' argument names).
 EXPERT_PARAMS = {
     "device": config["device"],
     "dtype": config["dtype"],
@@ -26,7 +26,7 @@ rule sample_high:
     params:
         sampling=lambda wildcards: row_of(wildcards).sampling(),
         video=lambda wildcards: row_of(wildcards).video(),
-        expert=EXPERT_PARAMS,
+        **EXPERT_PARAMS,
     log:
         LAYOUT.log("sample_high", "{id}"),
     benchmark:
@@ -51,7 +51,7 @@ rule sample_low:
     params:
         sampling=lambda wildcards: row_of(wildcards).sampling(),
         video=lambda wildcards: row_of(wildcards).video(),
-        expert=EXPERT_PARAMS,
+        **EXPERT_PARAMS,
     log:
         LAYOUT.log("sample_low", "{id}"),
     benchmark:

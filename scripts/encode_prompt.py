@@ -1,10 +1,4 @@
 from turbowan.runtime.jobs import model_job
 
-model_job(
-    snakemake, "encode_prompt", snakemake.wildcards.prompt_key,
-    prompt_file=snakemake.input.prompt,
-    text_encoder=snakemake.input.text_encoder,
-    tokenizer=snakemake.input.tokenizer,
-    device=snakemake.params.device,
-    dtype=snakemake.params.dtype,
-)
+# turbowan/stages/__init__.py names the module of each stage
+model_job(snakemake, "encode_prompt")

@@ -1,11 +1,4 @@
 from turbowan.runtime.jobs import model_job
 
-model_job(
-    snakemake, "sample_high", snakemake.wildcards.id,
-    text=snakemake.input.text,
-    cond=snakemake.input.cond,
-    expert=snakemake.input.expert,
-    sampling=snakemake.params.sampling,
-    video=snakemake.params.video,
-    **snakemake.params.expert,
-)
+# turbowan/stages/__init__.py names the module of each stage
+model_job(snakemake, "sample_high")

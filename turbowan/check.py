@@ -3,7 +3,7 @@
 Snakemake sees only that a file exists, so a truncated copy, a full disk or a hand edit leaves an
 artifact that looks finished. The job that reads it fails, naming it; this command finds every such
 file at once without running anything: safetensors artifacts by their header and the digest of
-their data, frames by their PNG headers and count, videos by their frame count. It only looks,
+their data, frames by their PNG chunks and count, videos by their boxes and frame count. It only looks,
 unless asked to repair: then it deletes each damaged file, and the next run remakes it (and, as
 their input is newer, everything made from it).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .files.artifacts import check_digest, read_record
-from .files.video import VideoError, count_frames, load_frames
+from .files.video import VideoError, check_frames, check_mp4
 from .layout import Layout
 
 
@@ -37,25 +37,20 @@ def artifact_problem(path: Path, stage: str) -> str | None:
     return None if written_by == stage else f"was written by stage {written_by!r}, not {stage}"
 
 
-def frames_problem(folder: Path, num_frames: int) -> str | None:
+def frames_problem(folder: Path, row) -> str | None:
     try:
-        files, info = load_frames(folder)
+        check_frames(folder, row.num_frames, row.width, row.height)
     except VideoError as err:
-        return str(err)
-    if info["count"] != num_frames:
-        return f"holds {info['count']} frames, the row needs {num_frames}"
-    for file in files:
-        if file.stat().st_size == 0:
-            return f"{file.name} is empty"
+        return str(err).removeprefix(f"{folder}: ")
     return None
 
 
-def video_problem(path: Path, num_frames: int) -> str | None:
+def video_problem(path: Path, row) -> str | None:
     try:
-        count = count_frames(path)
+        check_mp4(path, row.num_frames, row.width, row.height)
     except VideoError as err:
-        return str(err)
-    return None if count == num_frames else f"has {count} frames, the row needs {num_frames}"
+        return str(err).removeprefix(f"{path}: ")
+    return None
 
 
 def find_damage(results: str | Path, rows: Iterable) -> list[Damage]:
@@ -71,8 +66,8 @@ def find_damage(results: str | Path, rows: Iterable) -> list[Damage]:
             checks.append((Path(layout.text(row.prompt_key)), lambda p: artifact_problem(p, "encode_prompt")))
         for stage in ("encode_image", "sample_high", "sample_low"):
             checks.append((Path(layout.artifact(stage, row.id)), lambda p, s=stage: artifact_problem(p, s)))
-        checks.append((Path(layout.frames(row.id)), lambda p: frames_problem(p, row.num_frames)))
-        checks.append((Path(layout.video(row.id)), lambda p: video_problem(p, row.num_frames)))
+        checks.append((Path(layout.frames(row.id)), lambda p, r=row: frames_problem(p, r)))
+        checks.append((Path(layout.video(row.id)), lambda p, r=row: video_problem(p, r)))
         for path, problem_of in checks:
             if path.exists():
                 problem = problem_of(path)

@@ -56,10 +56,15 @@ def run_model_job(stage: str, key: str, log_file: str, args: dict[str, Any], *, 
         sys.exit(status)
 
 
-def model_job(snakemake, stage: str, key: str, **args: Any) -> None:
-    """run_model_job for a Snakemake `script:` job: its log, its GPU resource and the config's
-    worker settings (read from the config, not params: they change how a row runs, not its result)."""
-    args["out"] = snakemake.output[0]
+def model_job(snakemake, stage: str) -> None:
+    """run_model_job for a Snakemake `script:` job. The stage's arguments are the rule's named inputs
+    and params (their names are the stage function's), its output as `out`, and `frugal` from a
+    retry's resources. The worker settings come from the config, not params: they change how a row
+    runs, not its result, so changing them reruns nothing."""
+    args = {**dict(snakemake.input.items()), **dict(snakemake.params.items()), "out": snakemake.output[0]}
+    if "frugal" in snakemake.resources.keys():
+        args["frugal"] = bool(snakemake.resources.frugal)
+    key = snakemake.wildcards.get("id") or snakemake.wildcards.get("prompt_key")
     run_model_job(stage, key, snakemake.log[0], args, gpus=snakemake.resources.get("gpu", 0),
                   worker=snakemake.config["worker"], idle_s=snakemake.config["worker_idle_s"])
 

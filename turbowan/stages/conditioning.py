@@ -18,16 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def encode_image(image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto",
-                 vae_dtype: str = "auto", frugal: bool = False, row: str = "row",
+                 vae_dtype: str = "auto", frugal: bool = False,
         *, ctx: StageContext | None = None) -> None:
     ctx = StageContext() if ctx is None else ctx
     dev = resolve_device(device)
     video = video_values(video)
     pixels = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
-    model, key = loading.vae(ctx, vae, dev, vae_dtype)
     with phase("VAE encode"):
-        y = loading.with_vae(ctx, model, key, dev, video["width"], video["height"], frugal,
-                             lambda m: encode_condition(m, pixels, video["num_frames"]), row)
+        y = loading.run_vae(ctx, vae, dev, vae_dtype, video["width"], video["height"], frugal,
+                            lambda m: encode_condition(m, pixels, video["num_frames"]))
     log.info("image %s -> y %s", image, list(y.shape))
     ctx.check()
     params = {**video, "vae_dtype": vae_dtype, "device_type": dev.type}

@@ -21,16 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def decode(latent: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto",
-           vae_dtype: str = "auto", frugal: bool = False, row: str = "row",
+           vae_dtype: str = "auto", frugal: bool = False,
         *, ctx: StageContext | None = None) -> None:
     ctx = StageContext() if ctx is None else ctx
     dev = resolve_device(device)
     video = video_values(video)
     saved, _ = load_artifact(latent, "sample_low", {"x": (latent_shape(**video), torch.float64)}, params=video)
-    model, key = loading.vae(ctx, vae, dev, vae_dtype)
     with phase("VAE decode"):
-        frames = loading.with_vae(ctx, model, key, dev, video["width"], video["height"], frugal,
-                                  lambda m: decode_frames(m, saved["x"]), row)  # uint8 [F, H, W, 3]
+        frames = loading.run_vae(ctx, vae, dev, vae_dtype, video["width"], video["height"], frugal,
+                                 lambda m: decode_frames(m, saved["x"]))  # uint8 [F, H, W, 3]
     expected = (video["num_frames"], video["height"], video["width"], 3)
     if tuple(frames.shape) != expected:
         raise ArtifactError(f"{latent}: decoded to {list(frames.shape)}, expected {list(expected)}")

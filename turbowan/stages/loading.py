@@ -69,20 +69,21 @@ def tiling_wanted(device: torch.device, width: int, height: int, frugal: bool) -
     return VAE_BYTES_PER_PIXEL * width * height > 0.5 * total
 
 
-def with_vae(ctx: StageContext, model, key, device: torch.device, width: int, height: int, frugal: bool,
-             work: Callable[[Any], Any], row: str):
-    """work(vae), tiled when memory needs it; after running out of GPU memory, once more with tiling
-    and with every other resident model out of the way."""
+def run_vae(ctx: StageContext, path: str, device: torch.device, vae_dtype: str, width: int, height: int,
+            frugal: bool, work: Callable[[Any], Any]):
+    """work(vae) with the row's VAE, tiled when memory needs it; after running out of GPU memory,
+    once more with tiling and with every other resident model out of the way."""
+    model, key = vae(ctx, path, device, vae_dtype)
     tiled = tiling_wanted(device, width, height, frugal)
     (model.enable_tiling if tiled else model.disable_tiling)()
     if tiled:
-        log.info("row %s: VAE tiling on (%s)", row, "a retry, to use less memory" if frugal else "the frame size needs it")
+        log.info("VAE tiling on (%s)", "a retry, to use less memory" if frugal else "the frame size needs it")
     try:
         return work(model)
     except torch.OutOfMemoryError:
         if tiled:
             raise
-        log.warning("row %s: out of GPU memory; once more with VAE tiling on and other models unloaded", row)
+        log.warning("out of GPU memory; once more with VAE tiling on and other models unloaded")
     ctx.models.evict_all_but(key, device)
     model.enable_tiling()
     return work(model)
