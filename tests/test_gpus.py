@@ -17,7 +17,7 @@ import pytest
 from turbowan.runtime.gpus import (
     Card, NoFreeGpu, UnsafeLockFile, allowed_cards, assign_gpu, lock_card, parse_nvidia_smi,
 )
-from turbowan.runtime.private import UnsafeFolder
+from turbowan.private import UnsafeFolder
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = ["GPU-00000000-aaaa", "GPU-11111111-bbbb", "GPU-22222222-cccc"]

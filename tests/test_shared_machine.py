@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from turbowan.runtime.gpus import Card, NoFreeGpu, UnsafeLockFile, assign_gpu, lock_card
-from turbowan.runtime.private import UnsafeFolder
+from turbowan.private import UnsafeFolder
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER = 65534  # nobody

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlparse
 
-from ..runtime.private import ensure_private
+from ..private import ensure_private
 
 log = logging.getLogger(__name__)
 

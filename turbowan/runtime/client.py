@@ -17,7 +17,7 @@ from typing import Any
 
 from .faults import kill_job
 from .logs import write_lines
-from .private import compiler_cache_env, private_dir
+from ..private import compiler_cache_env, private_dir
 from .worker import ALREADY_SERVED, HEADER, code_fingerprint, connect, socket_path
 
 log = logging.getLogger("turbowan.job")

@@ -10,7 +10,7 @@ The lock folder is per user and machine, not per batch: two batches on one box s
 
 Where the locks live, on a machine with several users:
 
-- By default in this user's private folder (turbowan.runtime.private: `private_dir("locks")`,
+- By default in this user's private folder (turbowan.private: `private_dir("locks")`,
   mode 0700): no other user can plant links there, read the lock files or hold them. Another
   user's jobs then do not see these locks: on a box shared between users, give the cards out by
   CUDA_VISIBLE_DEVICES, or have an administrator make a shared folder:
@@ -58,7 +58,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Sequence
 
-from .private import UnsafeFolder, ensure_private, private_dir
+from ..private import UnsafeFolder, ensure_private, private_dir
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from .client import run_in_worker
 from .faults import FAULT_ENV, inject
 from .gpus import assign_gpu
 from .logs import flush_job_output, setup_logging
-from .private import compiler_cache_env
+from ..private import compiler_cache_env
 from .rows import hide_unused_packages, run_model_stage
 
 log = logging.getLogger("turbowan.job")

@@ -7,7 +7,7 @@ job that needs a card starts its worker (turbowan.runtime.client), and later job
 rows. The worker keeps its imports and a StageContext whose model cache keeps models loaded
 within the card's memory budget (one model at a time on a card under 40 GB).
 
-Who may talk to it: the socket lives in a private per-user folder (turbowan.runtime.private),
+Who may talk to it: the socket lives in a private per-user folder (turbowan.private),
 the worker checks every peer's uid (SO_PEERCRED) and serves only its own user, a request names
 one of the pipeline's model stages (turbowan.stages.MODEL_STAGES, nothing else), and a request
 larger than MAX_REQUEST_BYTES is refused unread. Environment values never reach the log.
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .logs import LOG_FORMAT
-from .private import private_dir
+from ..private import private_dir
 
 log = logging.getLogger("turbowan.worker")
 
