@@ -67,12 +67,57 @@ READ_GALLERY = """() => {
 }"""
 MEDIA_SETTLED = """() => [...document.querySelectorAll('video')].every(v => v.readyState >= 1 || v.error)
   && [...document.querySelectorAll('img')].every(i => i.complete)"""
+# What a script injected through the sheet's free text would set (tests/test_report.py puts
+# `window.__pwned=...` in a prompt): null while no such script ran in the frame.
+PWNED = "() => window.__pwned === undefined ? null : String(window.__pwned)"
+
+
+def injected_scripts(page) -> dict[str, str]:
+    """{frame url: window.__pwned} for every frame of `page` (the page itself, its iframes) in which a
+    script set it; empty when none did."""
+    found = {}
+    for frame in page.frames:
+        value = frame.evaluate(PWNED)
+        if value is not None:
+            found[frame.url[:120]] = value
+    return found
+
+
+def launch(pw, profile: Path):
+    """Headless Chromium (the system's) with a throw-away profile in `profile`."""
+    return pw.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, args=FLAGS, viewport={"width": 1400, "height": 1000},
+    )
+
+
+def scripts_run_in_pages(root: Path, pages: list[Path]) -> dict[str, dict[str, str]]:
+    """Open every page (an .html file under `root`, served over HTTP), let it load, render and settle,
+    and return {page's path under root: injected_scripts(page)}."""
+    from playwright.sync_api import sync_playwright
+
+    require_chromium()
+    found = {}
+    with serve(root) as base, sync_playwright() as pw:
+        context = launch(pw, root / ".chromium-profile")
+        try:
+            for path in pages:
+                rel = path.relative_to(root).as_posix()
+                page = context.new_page()
+                page.goto(f"{base}/{rel}", wait_until="load")  # (images, failed ones too, are done)
+                page.wait_for_load_state("networkidle")
+                page.wait_for_timeout(300)  # scripts a page runs once rendered
+                found[rel] = injected_scripts(page)
+                page.close()
+        finally:
+            context.close()
+    return found
 
 
 def gallery_in_report(report_html: Path, screenshot: Path) -> dict:
     """Open report.html, click through Results > Batch > the gallery's view button, read the gallery.
 
-    Returns READ_GALLERY's result; saves a screenshot of the report with the gallery open.
+    Returns READ_GALLERY's result, and under "pwned" injected_scripts() of the report with the gallery
+    open; saves a screenshot of the report with the gallery open.
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
@@ -80,10 +125,7 @@ def gallery_in_report(report_html: Path, screenshot: Path) -> dict:
     require_chromium()
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     with serve(report_html.parent) as base, sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(report_html.parent / ".chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=FLAGS, viewport={"width": 1400, "height": 1000},
-        )
+        context = launch(pw, report_html.parent / ".chromium-profile")
         try:
             page = context.new_page()
             page.goto(f"{base}/{report_html.name}")
@@ -98,6 +140,7 @@ def gallery_in_report(report_html: Path, screenshot: Path) -> dict:
                                      "Chromium blocks embedded data: pages above 2 MB)") from None
             frame.wait_for_function(MEDIA_SETTLED, timeout=20_000)
             seen = frame.evaluate(READ_GALLERY)
+            seen["pwned"] = injected_scripts(page)  # in the report and the gallery's frame
             # Show the whole gallery in the screenshot: the report sizes its iframe to the window.
             height = frame.evaluate("document.documentElement.scrollHeight")
             page.set_viewport_size({"width": 1400, "height": height + 100})
