@@ -14,6 +14,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The usual umask, whatever the machine's: tests check that a batch leaves nothing writable by others.
+os.umask(0o022)
 
 
 @pytest.fixture(scope="session")

@@ -281,3 +281,16 @@ def test_jobs_whose_environments_differ_share_the_worker(prompt_job, running_wor
         assert client.run_in_worker("encode_prompt", "row", prompt_job(), "", None, idle_s=30) == 0
         assert worker_pid(path) == pid
     assert "PS1" not in path.with_suffix(".log").read_text()
+
+
+def test_the_worker_keeps_the_compilers_caches_in_a_private_folder(private_home, running_worker):
+    """Inductor and Triton would cache compiled code in /tmp/torchinductor_<user>, a folder another user
+    could make first; the worker (and a job in its own process) points both at private folders."""
+    path, pid = running_worker
+    environ = dict(item.split("=", 1) for item in
+                   Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+    base = private_home / "cache" / "turbowan"
+    assert environ["TORCHINDUCTOR_CACHE_DIR"] == str(base / "inductor")
+    assert environ["TRITON_CACHE_DIR"] == str(base / "triton")
+    for name in ("inductor", "triton"):
+        assert ((base / name).stat().st_mode & 0o777) == 0o700

@@ -39,6 +39,9 @@ def test_every_row_gets_its_video_from_one_job_per_row_and_stage(finished):
                 assert f"{rule} of {row} in worker pid" in log
     assert len(list((results / "prompts").iterdir())) == 2
     assert not list(results.rglob("*.partial"))
+    # under the usual umask 022 (the tests' own), nothing the batch wrote is writable by others
+    open_to_others = [p for p in results.rglob("*") if p.lstat().st_mode & 0o022]
+    assert not open_to_others, open_to_others
     # The worker kept its models: each expert was loaded for the first of the two rows only.
     for rule in ("sample_high", "sample_low"):
         loads = [(results / "logs" / rule / f"{row}.log").read_text().count("loading expert") for row in ("boat", "face")]
