@@ -3,14 +3,17 @@
 No real weights are needed for timing: `models` writes random-weight models of the real sizes
 (Wan2.2 A14B expert, Wan2.1 VAE, umT5-XXL) in the official layouts; the two experts are one file
 under two names. `pipeline` writes an N-row sheet and config and runs
-`snakemake --cores C --resources gpu=G` on it as a user would, then reads every job's log and
-Snakemake benchmark: wall time per stage, model load times, peak GPU memory and host RSS, and the
-card each GPU job ran on (with a check that no two jobs overlapped on one card). `reference` runs
-the same rows in one process with both experts loaded once and no artifacts: the fastest possible
-arrangement. `all` does both and prints their ratio.
+`snakemake --cores 1 --resources gpu=1` on it as a user would (--cores, --gpus change the two
+numbers), then reads every job's log and Snakemake benchmark: wall time per stage, model loads,
+peak GPU memory and host RSS, and the card each model job ran on (with a check that no two jobs
+overlapped on one card). `reference` runs the same rows in one process through the same stage
+functions with one StageContext, so each model is loaded once (as far as memory allows) and no
+job, worker or Snakemake is in the way: the fastest arrangement of the same work. `all` does both
+and prints their ratio.
 
     python bench/bench_pipeline.py all --workdir /tmp/bench --resolution 480p --rows 8
-    CUDA_VISIBLE_DEVICES=0 python bench/bench_pipeline.py pipeline --gpus 1 ...  # pin to one card
+    CUDA_VISIBLE_DEVICES=0 python bench/bench_pipeline.py pipeline ...  # pin to one card
+    python bench/bench_pipeline.py all --tiny --frames 5 --rows 2      # the demo's models: checks the script
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from turbowan.wan.sizes import PRESETS  # noqa: E402
 
-# Full-size configurations (REFERENCE.md sections 3 and 4).
+# Full-size configurations (docs/reference.md, "Checkpoint files" and "Mapping onto diffusers and transformers").
 A14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
             text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None)
@@ -164,16 +167,26 @@ def make_rows(folder: Path, n: int, resolution: str, frames: int, steps: int, ti
 
 # ---------------------------------------------------------------------------------------- pipeline
 
-GPU_STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode")
-STAGES = GPU_STAGES + ("encode_video",)
-DONE = re.compile(r"(\w+) done in ([\d.]+) s; peak host RSS ([\d.]+) GB"
-                  r"(?:, peak GPU memory ([\d.]+) GB(?: \(reserved ([\d.]+) GB\))?)?")
+MODEL_STAGES = ("encode_prompt", "encode_image", "sample_high", "sample_low", "decode")
+STAGES = MODEL_STAGES + ("encode_video",)
+# A model stage's last line (turbowan.runtime.rows), or a CPU job's (turbowan.runtime.jobs.run_cpu_job).
+DONE = re.compile(r"\b(\w+) done in ([\d.]+) s; (?:host RSS [\d.]+ GB \(process peak ([\d.]+) GB\)|peak host RSS ([\d.]+) GB)"
+                  r"(?:, peak GPU memory ([\d.]+) GB \(reserved ([\d.]+) GB\))?")
 LOADED = re.compile(r"loaded (expert|VAE|text encoder) .* in ([\d.]+) s")
-CARD = re.compile(r"device: cuda:\d+ (.*?) uuid=(\S+)")
+CARD = re.compile(r"gpu: card (\d+).*? uuid=([^,\s]+)")
+GPU_LINE = re.compile(r"(gpu: .*)$")
+WORKER = re.compile(r" in worker pid (\d+)")
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 
-def write_batch(folder: Path, rows: list[dict], models: dict, batch_rows: int, attention: str, settings: dict) -> Path:
+def base_config() -> dict:
+    """The repository's config, which the pipeline runs with and the reference loop copies."""
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def write_batch(folder: Path, rows: list[dict], models: dict, attention: str, settings: dict) -> Path:
     """The sheet and config a user would write for these rows; returns the config file."""
     import csv
 
@@ -186,9 +199,9 @@ def write_batch(folder: Path, rows: list[dict], models: dict, batch_rows: int, a
         for r in rows:
             writer.writerow([r["id"], r["image"], r["prompt"], r["sampling"]["seed"], r["video"]["num_frames"],
                              r["video"]["width"], r["video"]["height"], r["sampling"]["num_steps"]])
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(sheet=str(folder / "sheet.csv"), results=str(folder / "results"), batch_rows=batch_rows,
-                  attention=attention, prepared_models=str(folder / "prepared"), **settings)
+    config = base_config()
+    config.update(sheet=str(folder / "sheet.csv"), results=str(folder / "results"), attention=attention,
+                  prepared_models=str(folder / "prepared"), **settings)
     config["models"] = {k: models[k] for k in ("high", "low", "vae", "text_encoder", "tokenizer")}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     return folder / "config.yaml"
@@ -202,8 +215,8 @@ def _stamp(line: str) -> float | None:
 
 
 def read_jobs(results: Path) -> list[dict]:
-    """One record per job, from its log and Snakemake benchmark: stage, wall time, model loads,
-    peak memory, card, start and end."""
+    """One record per job (a row's or a prompt's stage), from its log and Snakemake benchmark: stage,
+    key, wall time, model loads, peak memory, card, the worker that ran it, start and end."""
     jobs = []
     for stage in STAGES:
         for bench in sorted((results / "benchmarks" / stage).glob("*.tsv")):
@@ -211,39 +224,46 @@ def read_jobs(results: Path) -> list[dict]:
             lines = log.read_text().splitlines()
             done = next((m for line in lines if (m := DONE.search(line)) and m[1] == stage), None)
             card = next((m for line in lines if (m := CARD.search(line))), None)
+            gpu_line = next((m for line in lines if (m := GPU_LINE.search(line))), None)
+            worker = next((m for line in lines if (m := WORKER.search(line))), None)
             stamps = [t for line in lines if (t := _stamp(line))]
             with open(bench) as f:
                 header, values = f.readline().split("\t"), f.readline().split("\t")
             wall = float(dict(zip(header, values))["s"])
-            jobs.append(dict(stage=stage, group=bench.stem, wall=wall,
-                             rows=sum("): " + stage in line and "row " in line for line in lines) or 1,
+            rss = (done[3] or done[4]) if done else None
+            jobs.append(dict(stage=stage, key=bench.stem, wall=wall,
+                             loads=sum(1 for line in lines if LOADED.search(line)),
                              load=sum(float(m[2]) for line in lines if (m := LOADED.search(line))),
-                             rss=float(done[3]) if done else float("nan"),
-                             gpu=float(done[4] or 0) if done else float("nan"),
-                             reserved=float(done[5] or 0) if done else float("nan"),
-                             card=(card[2] if card else ""), start=min(stamps), end=max(stamps)))
+                             rss=float(rss) if rss else float("nan"),
+                             gpu=float(done[5] or 0) if done else float("nan"),
+                             reserved=float(done[6] or 0) if done else float("nan"),
+                             card=card[2] if card else (gpu_line[1] if gpu_line else ""),
+                             worker=int(worker[1]) if worker else None,
+                             start=min(stamps), end=max(stamps)))
     return jobs
 
 
 def check_cards(jobs: list[dict]) -> str:
-    """Which cards the GPU jobs ran on, and whether two ever overlapped on one card."""
-    gpu_jobs = [j for j in jobs if j["stage"] in GPU_STAGES]
+    """Which cards the model jobs ran on, and whether two ever overlapped on one card."""
+    gpu_jobs = [j for j in jobs if j["stage"] in MODEL_STAGES]
     cards = sorted({j["card"] for j in gpu_jobs})
-    clashes = [(a["group"], b["group"]) for i, a in enumerate(gpu_jobs) for b in gpu_jobs[i + 1:]
-               if a["card"] == b["card"] and a["start"] < b["end"] and b["start"] < a["end"]]
+    workers = sorted({j["worker"] for j in gpu_jobs if j["worker"] is not None})
+    clashes = [(f"{a['stage']}:{a['key']}", f"{b['stage']}:{b['key']}") for i, a in enumerate(gpu_jobs)
+               for b in gpu_jobs[i + 1:] if a["card"] == b["card"] and a["start"] < b["end"] and b["start"] < a["end"]]
     side_by_side = sum(1 for i, a in enumerate(gpu_jobs) for b in gpu_jobs[i + 1:]
                        if a["card"] != b["card"] and a["start"] < b["end"] and b["start"] < a["end"])
-    return (f"GPU jobs: {len(gpu_jobs)} on {len(cards)} card(s) {cards}; pairs running at once on different "
-            f"cards: {side_by_side}; on one card: {len(clashes)} {clashes[:3]}")
+    return (f"model jobs: {len(gpu_jobs)} on {len(cards)} card(s) {cards}, served by {len(workers)} worker(s) "
+            f"{workers}; pairs running at once on different cards: {side_by_side}; on one card: {len(clashes)} "
+            f"{clashes[:3]}")
 
 
-def run_pipeline(rows, models, folder: Path, gpus: int, batch_rows: int, attention: str,
+def run_pipeline(rows, models, folder: Path, cores: int, gpus: int, attention: str,
                  settings: dict) -> tuple[float, list]:
-    """`snakemake --cores N --resources gpu=G` on the rows' sheet, as a user runs it."""
-    config = write_batch(folder, rows, models, batch_rows, attention, settings)
-    cmd = ["snakemake", *(str(folder / "results" / r["id"] / "video.mp4") for r in rows),  # videos, not the report
-           "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile", str(config),
-           "--cores", str(4 * gpus + 4), "--resources", f"gpu={gpus}", "--scheduler", "greedy", "--quiet", "rules"]
+    """`snakemake --cores C --resources gpu=G` (1 and 1 unless asked) on the rows' sheet, as a user
+    runs it: the default target, so the pictures and the gallery too."""
+    config = write_batch(folder, rows, models, attention, settings)
+    cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(folder), "--configfile", str(config),
+           "--cores", str(cores), "--resources", f"gpu={gpus}"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
@@ -255,13 +275,14 @@ def run_pipeline(rows, models, folder: Path, gpus: int, batch_rows: int, attenti
 
 
 def stage_table(jobs: list[dict], n: int) -> str:
-    lines = ["| stage | jobs | job wall s (sum) | s/video | model load s (sum) | peak GPU GB (reserved) | peak RSS GB |",
+    lines = ["| stage | jobs | job wall s (sum) | s/video | model loads (s, sum) | peak GPU GB (reserved) | peak RSS GB |",
              "|---|---|---|---|---|---|---|"]
     for stage in STAGES:
         mine = [j for j in jobs if j["stage"] == stage]
         if mine:
             wall = sum(j["wall"] for j in mine)
-            lines.append(f"| {stage} | {len(mine)} | {wall:.1f} | {wall / n:.1f} | {sum(j['load'] for j in mine):.1f} | "
+            lines.append(f"| {stage} | {len(mine)} | {wall:.1f} | {wall / n:.1f} | "
+                         f"{sum(j['loads'] for j in mine)} ({sum(j['load'] for j in mine):.1f}) | "
                          f"{max(j['gpu'] for j in mine):.1f} ({max(j['reserved'] for j in mine):.1f}) | "
                          f"{max(j['rss'] for j in mine):.1f} |")
     return "\n".join(lines)
@@ -276,58 +297,70 @@ def process_age_s() -> float:
 
 
 def run_reference(rows, models, out: Path, attention: str, settings: dict) -> float:
-    """All rows in one process: umT5 once, VAE once, both experts loaded once, no artifacts. Its
-    timer starts after the process has imported torch, diffusers and transformers."""
-    from turbowan.wan.image import open_rgb, preprocess
-    from turbowan.wan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
-    from turbowan.wan.sampler import dit_velocity, sample_single_process
-    from turbowan.wan.sizes import latent_shape
-    from turbowan.wan.text import encode_text
-    from turbowan.wan.vae import decode_frames, encode_condition
-    from turbowan.files.video import save_frames, load_frames, write_mp4
-
-    from turbowan.wan.compiled import compile_wanted
+    """All rows in this process through the pipeline's stage functions, with one StageContext: every
+    model is loaded once (as far as the card's memory keeps them), no job, worker or Snakemake in
+    between. Stage by stage over all rows, as a wave runs; each mp4 is written on a CPU thread while
+    the next row decodes. The settings are the pipeline's (the repository's config, plus this run's).
+    Its timer starts after the process has imported torch, diffusers and transformers."""
+    from turbowan.files.prompts import write_prompt
+    from turbowan.stages.conditioning import encode_image
+    from turbowan.stages.context import StageContext
+    from turbowan.stages.decoding import decode
+    from turbowan.stages.prompt import encode_prompt
+    from turbowan.stages.sampling import sample_high, sample_low
+    from turbowan.stages.video import encode_video
     from turbowan.wan.devices import resolve_device
 
+    config = {**base_config(), "attention": attention, **settings}
+    device = config["device"]
+    model_args = dict(device=device, dtype=config["dtype"])
+    vae_args = dict(device=device, vae_dtype=config["vae_dtype"])
+    expert_args = dict(model_args, attention=attention, sla_topk=config["sla_topk"],
+                       activation_slices=config["activation_slices"], compile=config["compile"])
+    fps, quality = config["video"]["fps"], config["video"]["quality"]
     # the library's phase timings (loads, steps), as a job's log has them
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)9.0f ms %(name)s: %(message)s")
-    dev = resolve_device("auto")
+    dev = resolve_device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def path(r: dict, name: str) -> str:
+        return str(out / r["id"] / name)
+
     sync()
     started = time.perf_counter()
-    enc = load_text_encoder(models["text_encoder"], dev)
-    tok = load_tokenizer(models["tokenizer"])
-    texts = {r["id"]: encode_text(enc, tok, r["prompt"], dev)[0] for r in rows}
-    del enc
-    torch.cuda.empty_cache()
-    vae = load_vae(models["vae"], dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    ys = {r["id"]: encode_condition(vae, preprocess(open_rgb(r["image"]), r["video"]["width"], r["video"]["height"]),
-                                    r["video"]["num_frames"]) for r in rows}
-    expert = dict(attention=attention, activation_slices=settings["activation_slices"],
-                  compile=compile_wanted(settings["compile"], dev))
-    high = load_transformer(models["high"], dev, **expert)
-    low = load_transformer(models["low"], dev, **expert)
-    latents = {}
+    ctx = StageContext()
     for r in rows:
-        s = r["sampling"]
-        latents[r["id"]] = sample_single_process(
-            dit_velocity(high, texts[r["id"]], ys[r["id"]], torch.bfloat16),
-            dit_velocity(low, texts[r["id"]], ys[r["id"]], torch.bfloat16),
-            latent_shape(**r["video"]), s["seed"], s["num_steps"], s["sigma_max"], s["boundary"], s["ode"], dev)
-    del high, low
-    torch.cuda.empty_cache()
-
-    def frames_and_mp4(r: dict, frames: torch.Tensor) -> None:
-        save_frames(frames, out / r["id"] / "frames", {})
-        files, _ = load_frames(out / r["id"] / "frames")
-        write_mp4(files, out / r["id"] / "video.mp4", r["video"]["width"], r["video"]["height"], 16, 8)
-
-    with ThreadPoolExecutor(max_workers=4) as cpu:  # frames and mp4s are written while the GPU decodes on
-        made = [cpu.submit(frames_and_mp4, r, decode_frames(vae, latents[r["id"]])) for r in rows]
+        write_prompt(path(r, "prompt.txt"), r["prompt"])
+        encode_prompt(path(r, "prompt.txt"), models["text_encoder"], models["tokenizer"], path(r, "text.safetensors"),
+                      **model_args, ctx=ctx)
+    for r in rows:
+        encode_image(r["image"], models["vae"], path(r, "cond.safetensors"), r["video"], **vae_args, ctx=ctx)
+    for r in rows:
+        sample_high(path(r, "text.safetensors"), path(r, "cond.safetensors"), models["high"],
+                    path(r, "boundary.safetensors"), r["sampling"], r["video"], **expert_args, ctx=ctx)
+    for r in rows:
+        sample_low(path(r, "text.safetensors"), path(r, "cond.safetensors"), path(r, "boundary.safetensors"),
+                   models["low"], path(r, "latent.safetensors"), r["sampling"], r["video"], **expert_args, ctx=ctx)
+    with ThreadPoolExecutor(max_workers=4) as cpu:  # mp4s are written while the GPU decodes on
+        made = []
+        for r in rows:
+            decode(path(r, "latent.safetensors"), models["vae"], path(r, "frames"), r["video"], **vae_args, ctx=ctx)
+            made.append(cpu.submit(encode_video, path(r, "frames"), path(r, "video.mp4"), r["video"], fps, quality))
         for future in made:
             future.result()
     sync()
     return time.perf_counter() - started
+
+
+def same_latents(pipeline: Path, reference: Path, rows: list[dict]) -> str:
+    """Whether the reference loop's final latents equal the pipeline's, bit for bit (same stage code,
+    same settings: they should)."""
+    from safetensors.torch import load_file
+
+    equal = [r["id"] for r in rows
+             if torch.equal(load_file(pipeline / r["id"] / "latent.safetensors")["x"],
+                            load_file(reference / r["id"] / "latent.safetensors")["x"])]
+    return f"latents equal to the pipeline's: {len(equal)} of {len(rows)} rows"
 
 
 def main() -> None:
@@ -338,21 +371,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--cores", type=int, default=1, help="the pipeline's --cores N")
     parser.add_argument("--gpus", type=int, default=1, help="the pipeline's --resources gpu=N")
-    parser.add_argument("--batch-rows", type=int, default=4)
+    parser.add_argument("--wave-rows", type=int, default=None, help="config wave_rows (default: the config's)")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--int8", action="store_true", help="int8 experts (written from the bf16 one)")
     parser.add_argument("--activation-slices", default="auto", help="config activation_slices")
     parser.add_argument("--compile", default="auto", help="config compile: auto | true | false")
-    parser.add_argument("--fork-server", action=argparse.BooleanOptionalAction, default=True,
-                        help="config fork_server: model jobs forked from one process that imported once")
+    parser.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
+                        help="config worker: model jobs hand their rows to a resident worker per card "
+                             "(--no-worker: every model job loads its models in its own process)")
     parser.add_argument("--tag", default="", help="name of this run's folder (default: resolution, rows, time)")
     parser.add_argument("--tiny", action="store_true", help="demo-size models on any device: checks the script")
     args = parser.parse_args()
 
-    from turbowan.jobs import hide_unused_packages
+    from turbowan.runtime.rows import hide_unused_packages
 
-    hide_unused_packages()  # as the pipeline's model jobs do, before this process imports diffusers
+    hide_unused_packages()  # as the pipeline's workers and model jobs do, before this process imports diffusers
     from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
     from transformers import UMT5EncoderModel  # noqa: F401
 
@@ -361,7 +396,9 @@ def main() -> None:
               else make_models(args.workdir / "models", args.int8))
     activation_slices = args.activation_slices if args.activation_slices == "auto" else int(args.activation_slices)
     compile_setting = {"true": True, "false": False}.get(args.compile, args.compile)
-    settings = {"activation_slices": activation_slices, "compile": compile_setting, "fork_server": args.fork_server}
+    settings = {"activation_slices": activation_slices, "compile": compile_setting, "worker": args.worker}
+    if args.wave_rows:
+        settings["wave_rows"] = args.wave_rows
     if args.what == "models":
         return
     run_dir = args.workdir / (args.tag or f"{args.resolution}-{args.rows}rows-{int(time.time())}")
@@ -373,22 +410,22 @@ def main() -> None:
           flush=True)
     n, summary = args.rows, {}
     if args.what in ("pipeline", "all"):
-        wall, jobs = run_pipeline(rows, models, run_dir / "pipeline", args.gpus, args.batch_rows, args.attention,
-                                  settings)
+        wall, jobs = run_pipeline(rows, models, run_dir / "pipeline", args.cores, args.gpus, args.attention, settings)
         summary.update(pipeline_s=wall, jobs=jobs)
-        print(f"pipeline (--resources gpu={args.gpus}, batch_rows {args.batch_rows}): {wall:.1f} s, "
+        print(f"pipeline (--cores {args.cores} --resources gpu={args.gpus}, {settings}): {wall:.1f} s, "
               f"{wall / n:.1f} s per video")
         print(stage_table(jobs, n))
         print(check_cards(jobs))
         for j in jobs:
-            print(f"  {j['stage']:13s} {j['group']:14s} rows {j['rows']} wall {j['wall']:6.1f} s load {j['load']:5.1f} s "
-                  f"GPU {j['gpu']:5.1f} GB RSS {j['rss']:5.1f} GB card {j['card'][-8:]}")
+            print(f"  {j['stage']:13s} {j['key']:16s} wall {j['wall']:6.1f} s loads {j['loads']} ({j['load']:5.1f} s) "
+                  f"GPU {j['gpu']:5.1f} GB RSS {j['rss']:5.1f} GB card {j['card'][-8:]} worker {j['worker']}")
     if args.what in ("reference", "all"):
         summary["reference_s"] = run_reference(rows, models, run_dir / "reference", args.attention, settings)
         summary["reference_imports_s"] = imports_s
         print(f"reference loop: {summary['reference_s']:.1f} s, {summary['reference_s'] / n:.1f} s per video; "
               f"its process's start and imports before that: {imports_s:.1f} s")
     if "pipeline_s" in summary and "reference_s" in summary:
+        print(same_latents(run_dir / "pipeline" / "results", run_dir / "reference", rows))
         print(f"ratio pipeline / reference: {summary['pipeline_s'] / summary['reference_s']:.2f} "
               f"({summary['pipeline_s'] / (summary['reference_s'] + imports_s):.2f} with its start and imports)")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The benchmark runs recorded in BENCHMARKS.md, one device-tool call each (two GPUs unless it says).
-#   bash bench/gpu_session.sh cards      8 rows at 480p through the pipeline with --resources gpu=1,
-#                                        then with --resources gpu=2 (both cards), then the GPU tests
-#   bash bench/gpu_session.sh 480p [N]   N (8) rows at 480p: the pipeline with --resources gpu=1 on
+#   bash bench/gpu_session.sh cards      8 rows at 480p through the pipeline with --cores 1
+#                                        --resources gpu=1, then with --cores 4 --resources gpu=2 (both
+#                                        cards, a worker each), then the GPU tests
+#   bash bench/gpu_session.sh 480p [N]   N (8) rows at 480p: the pipeline (--cores 1 --resources gpu=1) on
 #                                        card 0 while the reference loop runs on card 1
 #   bash bench/gpu_session.sh 720p [N]   the same at 720p
-#   bash bench/gpu_session.sh final      720p, 8 rows, batch_rows 8: the pipeline on card 0 while the
+#   bash bench/gpu_session.sh final      720p, 8 rows, wave_rows 8: the pipeline on card 0 while the
 #                                        reference runs on card 1, then the load probe on card 1
 #   bash bench/gpu_session.sh warm       on one GPU: set up, write the models, compile an expert once
 #                                        (Inductor's cache), so that the next two calls run warm
@@ -13,12 +14,12 @@
 #                                        disk (its file's pages dropped from the page cache), then warm
 #   bash bench/gpu_session.sh rss        on one GPU: an expert job's host memory (load, compile, two
 #                                        forwards), with a cold and then a warm Inductor cache
-#   bash bench/gpu_session.sh one        on one GPU: the 720p 8-row pipeline (batch_rows 8), no reference
-#   bash bench/gpu_session.sh own        the same with fork_server: false (every model job imports its own)
+#   bash bench/gpu_session.sh one        on one GPU: the 720p 8-row pipeline (wave_rows 8), no reference
+#   bash bench/gpu_session.sh own        the same with worker: false (every model job loads its own models)
 #   bash bench/gpu_session.sh ref        on one GPU: the reference loop alone
 #   bash bench/gpu_session.sh reference  on one GPU: the reference loop on the same rows, then the
 #                                        probes of RSS baseline, warm load and import hiding
-#   bash bench/gpu_session.sh final4     on four GPUs at once: card 0 the 720p 8-row pipeline (batch_rows
+#   bash bench/gpu_session.sh final4     on four GPUs at once: card 0 the 720p 8-row pipeline (wave_rows
 #                                        8), card 1 the reference, card 2 int8 experts on 2 rows (unsliced),
 #                                        card 3 bf16 on the same 2 rows, then a compile in a fresh process
 #   bash bench/gpu_session.sh int8 [N]   720p, N (2) rows on one card: int8 experts (activation_slices
@@ -51,7 +52,7 @@ T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s after setup] $*"; }
 case "${1:-cards}" in
   cards)
     stamp "gpu=1"; bench pipeline --resolution 480p --rows 8 --gpus 1 --tag c480g1 > "$OUT/c480g1.txt" 2>&1
-    stamp "gpu=2"; bench pipeline --resolution 480p --rows 8 --gpus 2 --tag c480g2 > "$OUT/c480g2.txt" 2>&1
+    stamp "gpu=2"; bench pipeline --resolution 480p --rows 8 --cores 4 --gpus 2 --tag c480g2 > "$OUT/c480g2.txt" 2>&1
     stamp "gpu tests"; timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
     ;;
   probe)
@@ -59,7 +60,7 @@ case "${1:-cards}" in
     stamp "gpu tests"; timeout 100 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
     ;;
   final)
-    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --wave-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
     (CUDA_VISIBLE_DEVICES=1 bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
      stamp "load probe"
      CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/probe_gpu.py --models $W/models --only load > "$OUT/probe.txt" 2>&1)
@@ -79,17 +80,17 @@ case "${1:-cards}" in
     stamp "expert rss"; timeout 240 python3 bench/probe_gpu.py --models $W/models --only expert-rss > "$OUT/probe.txt" 2>&1
     ;;
   one)
-    stamp "pipeline"; bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1
+    stamp "pipeline"; bench pipeline --resolution 720p --rows 8 --wave-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1
     ;;
   own)
-    stamp "pipeline, no fork server"; bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --no-fork-server \
+    stamp "pipeline, no worker"; bench pipeline --resolution 720p --rows 8 --wave-rows 8 --gpus 1 --no-worker \
       --tag p720own > "$OUT/p720own.txt" 2>&1
     ;;
   ref)
     stamp "reference"; bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1
     ;;
   final4)
-    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --batch-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 bench pipeline --resolution 720p --rows 8 --wave-rows 8 --gpus 1 --tag p720b8 > "$OUT/p720b8.txt" 2>&1 &
     CUDA_VISIBLE_DEVICES=1 bench reference --resolution 720p --rows 8 --tag r720 > "$OUT/r720.txt" 2>&1 &
     CUDA_VISIBLE_DEVICES=2 bench pipeline --resolution 720p --rows 2 --gpus 1 --int8 --tag p720int8 > "$OUT/p720int8.txt" 2>&1 &
     (CUDA_VISIBLE_DEVICES=3 bench pipeline --resolution 720p --rows 2 --gpus 1 --tag p720bf16 > "$OUT/p720bf16.txt" 2>&1
@@ -118,4 +119,4 @@ case "${1:-cards}" in
 esac
 stamp done; tail -n +1 "$OUT"/[cpr]*.txt "$OUT"/gpu-tests.txt 2>/dev/null
 [ "${1:-}" = probe ] || (cd $W && tar czf "$OUT/logs-$1.tgz" --exclude='*.png' --exclude='*.mp4' --exclude='*.safetensors' \
-   --exclude='.store' --exclude=images */pipeline/results/logs */pipeline/results/benchmarks */pipeline/snakemake.log) || true
+   --exclude=images */pipeline/results/logs */pipeline/results/benchmarks */pipeline/snakemake.log) || true

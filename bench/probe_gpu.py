@@ -2,7 +2,7 @@
 
     python bench/probe_gpu.py --models /tmp/b/models [--resolution 720p] [--only expert,int8,...]
 
-- imports: seconds a job spends importing torch and diffusers (each in a fresh process);
+- imports: seconds a worker spends importing torch, diffusers and the stages (each in a fresh process);
 - norms: diffusers' / torch's norms against turbodiffusion's FastRMSNorm / FastLayerNorm at the
   expert's activation shape;
 - expert: one bf16 SLA forward eager, then compiled (turbowan.wan.compiled): the first call (compile)
@@ -10,12 +10,14 @@
 - int8: the int8 expert's forward time and peak memory with the feed-forward whole and in 8
   slices, under a 22 GB cap (a 24 GB card less the CUDA context);
 - vae: encode and decode of one row, with cuDNN's autotuner off and on;
-- exit: how long a process with a compiled expert on the GPU takes to end, normally and by os._exit;
-- load: an expert's warm load in fresh processes: as a job does it, with Python's default GIL
+- exit: how long a process with a compiled expert on the GPU takes to end, normally and by os._exit
+  (a worker ends so when idle; a `worker: false` job after every row);
+- load: an expert's warm load in fresh processes: as a worker does it, with Python's default GIL
   switch interval, and with diffusers imported beforehand (the load alone);
-- hiding: each model library's import, plain and with turbowan.jobs.hide_unused_packages first;
-- baseline: a job's host memory before it loads anything (Python, torch, CUDA context, libraries);
-- expert-rss: an expert job's host memory through load, compile and two forwards, cold and warm.
+- hiding: each model library's import, plain and with turbowan.runtime.rows.hide_unused_packages first;
+- baseline: a worker's host memory before it loads a model (Python, torch, CUDA context, libraries);
+- expert-rss: an expert's host memory in a fresh process (as a worker, or a job with `worker: false`,
+  has it) through load, compile and two forwards, cold and warm.
 `bench_pipeline.py models [--int8]` writes the models first.
 """
 
@@ -36,6 +38,8 @@ sys.path.insert(0, str(REPO))
 from turbowan.wan.sizes import PRESETS, latent_shape  # noqa: E402
 
 GB = 1e9  # bytes: memory is in GB (10^9 bytes) throughout, as the job logs give it
+# What a worker imports before its first row (turbowan.runtime.worker): every model stage's module.
+WORKER_IMPORTS = "from turbowan.stages import MODEL_STAGES, model_stage; [model_stage(s) for s in MODEL_STAGES]"
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, object]:
@@ -58,18 +62,19 @@ def peak(reset: bool = False) -> str:
 def probe_imports() -> None:
     for what in ("import torch", "import torch; torch.cuda.init()", "from diffusers import WanTransformer3DModel",
                  "from diffusers import AutoencoderKLWan", "from transformers import UMT5EncoderModel",
-                 "import turbowan.stages"):
+                 WORKER_IMPORTS):
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", what], check=True, cwd=REPO)
         print(f"imports: {what!r}: {time.perf_counter() - started:.2f} s (fresh process)", flush=True)
 
 
 def probe_import_hiding(repeat: int = 3) -> None:
-    """Each model library's import in fresh processes, plain and with turbowan.jobs'
-    hide_unused_packages first (what run_job does); seconds from the start of `import torch`."""
+    """Each model library's import in fresh processes, plain and with turbowan.runtime.rows'
+    hide_unused_packages first (what a worker, or a job with `worker: false`, does before its
+    imports); seconds from the start of `import torch`."""
     timed = ("import time; t = time.perf_counter(); import torch\n{hide}{what}\n"
              "print(f'{{time.perf_counter() - t:.2f}}')")
-    hide = "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
+    hide = "from turbowan.runtime.rows import hide_unused_packages; hide_unused_packages()\n"
     for what in ("from diffusers import AutoencoderKLWan", "from diffusers import WanTransformer3DModel",
                  "from transformers import UMT5EncoderModel"):
         for label, prefix in (("plain", ""), ("hidden", hide)):
@@ -79,8 +84,8 @@ def probe_import_hiding(repeat: int = 3) -> None:
 
 
 def probe_rss_baseline() -> None:
-    """The host memory an expert job has before it loads anything: Python, torch with a CUDA
-    context, then turbowan.stages and diffusers' Wan classes (fresh processes)."""
+    """The host memory a worker has before it loads a model: Python, torch with a CUDA context, then
+    the stage modules and diffusers' Wan classes (fresh processes)."""
     code = ("import sys; sys.path.insert(0, {repo!r})\n"
             "import torch; torch.zeros(1, device='cuda'); torch.cuda.synchronize()\n{more}\n"
             "from turbowan.progress import host_rss_gb; print('%.2f GB now, %.2f GB peak' % host_rss_gb())")
@@ -89,11 +94,11 @@ def probe_rss_baseline() -> None:
             "torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().item()\n"
             "c = torch.nn.Conv3d(16, 16, 3).cuda().bfloat16(); c(torch.randn(1, 16, 4, 32, 32, device='cuda', "
             "dtype=torch.bfloat16)).sum().item()")
-    imports = ("from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
-               "import turbowan.stages; from diffusers import WanTransformer3DModel, AutoencoderKLWan")
+    imports = ("from turbowan.runtime.rows import hide_unused_packages; hide_unused_packages()\n"
+               + WORKER_IMPORTS + "\nfrom diffusers import WanTransformer3DModel, AutoencoderKLWan")
     for label, more in (("python, torch, CUDA context", ""),
                         ("+ cuBLAS, SDPA and cuDNN used once (their code in memory)", math),
-                        ("+ turbowan.stages, diffusers' Wan classes", math + "\n" + imports)):
+                        ("+ the stage modules, diffusers' Wan classes", math + "\n" + imports)):
         out = subprocess.run([sys.executable, "-c", code.format(repo=str(REPO), more=more)], capture_output=True,
                              text=True)
         print(f"rss baseline: {label}: {out.stdout.strip() or out.stderr[-500:]}", flush=True)
@@ -175,9 +180,9 @@ def probe_expert(path: str, video: dict, fresh_compile: bool) -> None:
 
 
 def probe_expert_rss(models: Path, video_args: list[str]) -> None:
-    """An expert job's host memory, as run_job has it (unused packages hidden, the expert loaded and
+    """An expert's host memory, as a worker has it (unused packages hidden, the expert loaded and
     compiled, two forwards), in two fresh processes: the first fills Inductor's cache, the second
-    runs warm, as every later job does."""
+    runs warm, as every later worker does."""
     for run in ("cold cache", "warm cache"):
         proc = subprocess.run([sys.executable, __file__, "--models", str(models), *video_args, "--only",
                                "expert-rss-child"], capture_output=True, text=True)
@@ -186,8 +191,8 @@ def probe_expert_rss(models: Path, video_args: list[str]) -> None:
 
 
 def expert_rss_child(path: str, video: dict) -> None:
-    from turbowan.jobs import hide_unused_packages
     from turbowan.progress import host_rss_gb
+    from turbowan.runtime.rows import hide_unused_packages
 
     hide_unused_packages()
     from turbowan.wan.models import load_transformer
@@ -202,8 +207,9 @@ def expert_rss_child(path: str, video: dict) -> None:
 
 
 def probe_exit(models: Path, video_args: list[str]) -> None:
-    """Seconds from an expert job's last line to its process's end, which the next job waits for:
-    Python's own exit against os._exit, each with a compiled expert on the GPU, as a job has it."""
+    """Seconds from a model process's last line to its end (with `worker: false` the next job waits
+    for it; a worker ends so when idle): Python's own exit against os._exit, each with a compiled
+    expert on the GPU."""
     for how in ("normal", "os._exit"):
         proc = subprocess.run([sys.executable, __file__, "--models", str(models), *video_args, "--only", "exit-child",
                                "--exit", how], capture_output=True, text=True)
@@ -217,13 +223,13 @@ def probe_exit(models: Path, video_args: list[str]) -> None:
 
 
 def timed_load(path: Path, variant: str) -> str:
-    """An expert's load in a fresh process, as a job does it (the unused packages hidden, diffusers
+    """An expert's load in a fresh process, as a worker does it (the unused packages hidden, diffusers
     imported while the weights stream); variant "switch 0.005" with Python's default GIL switch
     interval instead of turbowan.wan.models', "imported first" with diffusers imported beforehand (the
     load alone). Returns the load's log lines and its time."""
     code = ("import sys, time, torch, logging; logging.basicConfig(level=logging.INFO)\n"
             f"sys.path.insert(0, {str(REPO)!r})\n"
-            "from turbowan.jobs import hide_unused_packages; hide_unused_packages()\n"
+            "from turbowan.runtime.rows import hide_unused_packages; hide_unused_packages()\n"
             "import turbowan.wan.models as m\n"
             f"if {variant!r} == 'switch 0.005': m.STREAM_SWITCH_INTERVAL_S = 0.005\n"
             f"if {variant!r} == 'imported first': import diffusers.models.transformers.transformer_wan\n"
@@ -237,9 +243,9 @@ def timed_load(path: Path, variant: str) -> str:
 
 
 def probe_load(models: Path) -> None:
-    """An expert's warm load (page cache): as a job does it, with Python's default GIL switch
+    """An expert's warm load (page cache): as a worker does it, with Python's default GIL switch
     interval, and with diffusers imported beforehand (timed_load)."""
-    for variant in ("job", "switch 0.005", "imported first"):
+    for variant in ("worker", "switch 0.005", "imported first"):
         print(f"load ({variant}): {timed_load(models / 'high.safetensors', variant)}", flush=True)
 
 

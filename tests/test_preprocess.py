@@ -1,4 +1,4 @@
-"""Sizes, image preprocessing, text tokenisation and the conditioning tensor (REFERENCE.md section 2)."""
+"""Sizes, image preprocessing, text tokenisation and the conditioning tensor (docs/reference.md, "Conditioning")."""
 
 import numpy as np
 import pytest
