@@ -37,24 +37,28 @@ wildcard_constraints:
 
 
 # Waves: the sheet's rows, `wave_rows` at a time. Every job of a wave outranks every job of the
-# next, and within a wave the stages run in order, so one GPU runs a wave's text and image
-# encodings, then all its high-noise steps (one expert loaded), then all its low-noise steps, then
-# its decodes and mp4s, before the next wave starts: few model loads, and videos as the batch goes.
-WAVE = {row_id: number // config["wave_rows"] for number, row_id in enumerate(ROWS)}
-PROMPT_WAVE = {}
+# next; within a wave the stages run in order, and within a stage the rows in sheet order. So one
+# GPU runs a wave's text and image encodings, then all its high-noise steps (one expert loaded),
+# then all its low-noise steps, then its decodes and mp4s, before the next wave starts: few model
+# loads, and videos as the batch goes.
+WAVE_ROWS = config["wave_rows"]
+POSITION = {row_id: number for number, row_id in enumerate(ROWS)}
+PROMPT_POSITION = {}
 for _row in ROWS.values():
-    PROMPT_WAVE.setdefault(_row.prompt_key, WAVE[_row.id])
-STAGE_RANK = {"write_prompt": 7, "encode_prompt": 6, "encode_image": 5, "sample_high": 4, "sample_low": 3, "decode": 2,
-              "encode_video": 1, "previews": 0}
+    PROMPT_POSITION.setdefault(_row.prompt_key, POSITION[_row.id])
+STAGE_RANK = {"write_prompt": 7, "encode_prompt": 6, "encode_image": 5, "sample_high": 4, "sample_low": 3,
+              "decode": 2, "encode_video": 1, "previews": 0}
+WAVES = len(ROWS) // WAVE_ROWS + 1
 
 
 def wave_priority(stage):
-    """The `priority:` of a per-row (or per-prompt) rule: its wave first, then its stage."""
-    waves = max(WAVE.values()) + 1
+    """The `priority:` of a per-row (or per-prompt) rule: its wave, then its stage, then its row."""
+    rank = STAGE_RANK[stage]
 
     def priority(wildcards):
-        wave = PROMPT_WAVE[wildcards.prompt_key] if "prompt_key" in wildcards.keys() else WAVE[wildcards.id]
-        return (waves - wave) * 10 + STAGE_RANK[stage]
+        position = PROMPT_POSITION[wildcards.prompt_key] if "prompt_key" in wildcards.keys() else POSITION[wildcards.id]
+        wave, in_wave = divmod(position, WAVE_ROWS)
+        return ((WAVES - wave) * len(STAGE_RANK) + rank) * WAVE_ROWS + (WAVE_ROWS - in_wave)
 
     return priority
 

@@ -235,6 +235,8 @@ def test_waves_deliver_videos_as_the_batch_goes(tmp_path):
     first_mp4 = ran.index("encode_video")
     assert ran[:first_mp4].count("sample_high") == 4
     assert ran[:first_mp4].count("sample_low") == 4
-    # within a wave, one stage after another: one expert loaded per wave
+    # within a wave, one stage after another (one expert loaded per wave), rows in sheet order
     wave = ran[:ran.index("previews")]
     assert wave.index("sample_low") > max(i for i, rule in enumerate(wave) if rule == "sample_high")
+    order = re.findall(r"^(?:local)?rule sample_low:\n(?:    .*\n)*?    output: results/(w\d+)/", out.stdout + out.stderr, re.M)
+    assert order == sorted(order) and len(order) == 12, order

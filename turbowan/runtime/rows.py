@@ -42,7 +42,7 @@ def run_model_stage(stage: str, key: str, args: dict[str, Any], faults: str, ctx
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    inject(stage, key, faults, on_kill)
+    inject(stage, key, faults, on_kill, ctx.cancel.is_set)
     function(**args, ctx=ctx)
     gpu = ""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
