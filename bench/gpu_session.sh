@@ -25,6 +25,9 @@
 #   bash bench/gpu_session.sh int8 [N]   720p, N (2) rows on one card: int8 experts (activation_slices
 #                                        8), then bf16, then the int8 probe under a 22 GB cap
 #   bash bench/gpu_session.sh tests      the GPU tests, then the import and exit probes
+#   bash bench/gpu_session.sh check      on one GPU: set up, build turbodiffusion, write the models, GPU tests
+#   bash bench/gpu_session.sh pr [N]     on one GPU: N (4) rows at 720p through the pipeline, then the
+#                                        reference loop on the same rows (its latents compared)
 #   bash bench/gpu_session.sh last       tests/test_gpu.py, then the bf16 expert probe (eager, compiled)
 #   bash bench/gpu_session.sh probe      bench/probe_gpu.py at 720p (imports, norms, compile, int8
 #                                        under a 22 GB cap, VAE), then the GPU tests
@@ -106,6 +109,12 @@ case "${1:-cards}" in
   last)
     stamp "gpu tests"; timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider -s tests/test_gpu.py > "$OUT/gpu-tests.txt" 2>&1
     stamp "probe"; timeout 150 python3 bench/probe_gpu.py --models $W/models --only expert > "$OUT/probe.txt" 2>&1
+    ;;
+  check)
+    stamp "gpu tests"; timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_kernels.py > "$OUT/gpu-tests.txt" 2>&1
+    ;;
+  pr)
+    stamp "pipeline, then reference"; bench all --resolution 720p --rows "${2:-4}" --gpus 1 --tag p720 > "$OUT/p720.txt" 2>&1
     ;;
   tests)
     stamp "gpu tests"; timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -s tests/test_gpu.py tests/test_gpu_kernels.py > "$OUT/gpu-tests.txt" 2>&1
