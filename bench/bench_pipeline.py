@@ -302,7 +302,7 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
     between. Stage by stage over all rows, as a wave runs; each mp4 is written on a CPU thread while
     the next row decodes. The settings are the pipeline's (the repository's config, plus this run's).
     Its timer starts after the process has imported torch, diffusers and transformers."""
-    from turbowan.files.prompts import write_prompt
+    from turbowan.files.prompts import prompt_key
     from turbowan.stages.conditioning import encode_image
     from turbowan.stages.context import StageContext
     from turbowan.stages.decoding import decode
@@ -326,13 +326,13 @@ def run_reference(rows, models, out: Path, attention: str, settings: dict) -> fl
     def path(r: dict, name: str) -> str:
         return str(out / r["id"] / name)
 
+    sheet = write_batch(out, rows, models, attention, settings).with_name("sheet.csv")  # (prompts by key)
     sync()
     started = time.perf_counter()
     ctx = StageContext()
     for r in rows:
-        write_prompt(path(r, "prompt.txt"), r["prompt"])
-        encode_prompt(path(r, "prompt.txt"), models["text_encoder"], models["tokenizer"], path(r, "text.safetensors"),
-                      **model_args, ctx=ctx)
+        encode_prompt(str(sheet), prompt_key(r["prompt"]), models["text_encoder"], models["tokenizer"],
+                      path(r, "text.safetensors"), **model_args, ctx=ctx)
     for r in rows:
         encode_image(r["image"], models["vae"], path(r, "cond.safetensors"), r["video"], **vae_args, ctx=ctx)
     for r in rows:

@@ -1,7 +1,9 @@
 # The sheet, the results layout, input functions and job priorities shared by every rule.
 # Reading this file changes nothing on disk: it checks the sheet and the model files, and plans.
+import inspect
 import sys
 
+from snakemake.common import overwrite_function_params
 from snakemake.exceptions import WorkflowError
 
 # The `turbowan` library of this checkout, importable without installing it. (Scripts find it
@@ -46,9 +48,17 @@ POSITION = {row_id: number for number, row_id in enumerate(ROWS)}
 PROMPT_POSITION = {}
 for _row in ROWS.values():
     PROMPT_POSITION.setdefault(_row.prompt_key, POSITION[_row.id])
-STAGE_RANK = {"write_prompt": 7, "encode_prompt": 6, "encode_image": 5, "sample_high": 4, "sample_low": 3,
-              "decode": 2, "encode_video": 1, "previews": 0}
+STAGE_RANK = {"encode_prompt": 5, "encode_image": 4, "sample_high": 3, "sample_low": 2, "decode": 1,
+              "encode_video": 0}
 WAVES = len(ROWS) // WAVE_ROWS + 1
+
+
+def of_wildcards(function):
+    """Give an input, params, resources or priority function its signature once, so that Snakemake
+    need not inspect it again for each of a big sheet's thousands of jobs (a large share of planning
+    1000 rows: BENCHMARKS.md). Snakemake's own helpers (snakemake.ioutils) do the same."""
+    overwrite_function_params(function, inspect.signature(function).parameters)
+    return function
 
 
 def wave_priority(stage):
@@ -60,16 +70,49 @@ def wave_priority(stage):
         wave, in_wave = divmod(position, WAVE_ROWS)
         return ((WAVES - wave) * len(STAGE_RANK) + rank) * WAVE_ROWS + (WAVE_ROWS - in_wave)
 
-    return priority
+    return of_wildcards(priority)
 
 
 def row_of(wildcards):
     return ROWS[wildcards.id]
 
 
+@of_wildcards
+def row_image(wildcards):
+    return ROWS[wildcards.id].image
+
+
+@of_wildcards
+def row_video(wildcards):
+    return ROWS[wildcards.id].video()
+
+
+@of_wildcards
+def row_sampling(wildcards):
+    return ROWS[wildcards.id].sampling()
+
+
+@of_wildcards
+def row_text(wildcards):
+    return LAYOUT.text(ROWS[wildcards.id].prompt_key)
+
+
+@of_wildcards
+def row_prompt_key(wildcards):
+    return ROWS[wildcards.id].prompt_key
+
+
+def wildcard(name):
+    """A params function giving a wildcard's value (a key or an id: never free text)."""
+    return of_wildcards(lambda wildcards: wildcards[name])
+
+
 def frugal_level(wildcards, attempt):
     """0 on the first attempt; a retried job (say, after running out of GPU memory) saves memory."""
     return attempt - 1
+
+
+of_wildcards(frugal_level)
 
 
 # The demo models are made by rule make_demo_models; any other model file must exist already

@@ -1,28 +1,18 @@
 # Conditioning: each prompt's umT5 embedding (shared by rows with the same prompt) and each row's y.
-from turbowan.files.prompts import write_prompt  # noqa: E402
 
 
-# The prompt's text, written from the sheet into the results folder: jobs read it from there, so
-# the sheet's free text never travels as a job parameter (parameters appear in reports and logs).
-rule write_prompt:
-    output:
-        LAYOUT.prompt("{prompt_key}"),
-    log:
-        LAYOUT.log("write_prompt", "{prompt_key}"),
-    priority: wave_priority("write_prompt")
-    localrule: True
-    run:
-        write_prompt(output[0], PROMPTS[wildcards.prompt_key])
-
-
+# The prompt's text is read from the sheet by its key: the sheet's free text never travels as a job
+# parameter (parameters are shown in reports and logs). ancient(): editing other cells of the sheet
+# reruns nothing here (a changed prompt is another key).
 rule encode_prompt:
     input:
-        prompt_file=LAYOUT.prompt("{prompt_key}"),
+        sheet=ancient(config["sheet"]),
         text_encoder=MODEL_INPUTS["text_encoder"],
         tokenizer=MODEL_INPUTS["tokenizer"],
     output:
         LAYOUT.text("{prompt_key}"),
     params:
+        prompt_key=wildcard("prompt_key"),
         device=config["device"],
         dtype=config["dtype"],
     log:
@@ -40,12 +30,12 @@ rule encode_prompt:
 
 rule encode_image:
     input:
-        image=lambda wildcards: row_of(wildcards).image,
+        image=row_image,
         vae=MODEL_INPUTS["vae"],
     output:
         LAYOUT.cond("{id}"),
     params:
-        video=lambda wildcards: row_of(wildcards).video(),
+        video=row_video,
         device=config["device"],
         vae_dtype=config["vae_dtype"],
     log:

@@ -1,27 +1,11 @@
-# What a person looks at after a batch: a contact sheet and an animated preview per video (one job,
-# reading the mp4, since decoded frames are temporary), one contact sheet for the batch, and the
-# gallery folder that `snakemake --report report.zip` shows. The gallery is also rebuilt by the
+# What a person looks at after a batch, besides each row's pictures (made with its mp4, rule
+# encode_video): one contact sheet for the batch, and the gallery folder that
+# `snakemake --report report.zip` shows. The gallery is also rebuilt by the
 # Snakefile's onerror handler, so a batch with failed rows still gets one (showing their errors).
 from turbowan.report.batch import batch_info  # noqa: E402
 from turbowan.report.gallery import build_gallery  # noqa: E402
 from turbowan.report.summary import write_summary  # noqa: E402
 
-
-
-rule previews:
-    input:
-        video=LAYOUT.video("{id}"),
-        prompt=lambda wildcards: LAYOUT.prompt(row_of(wildcards).prompt_key),
-    output:
-        contact_sheet=LAYOUT.contact_sheet("{id}"),
-        animation=LAYOUT.preview("{id}"),
-    log:
-        LAYOUT.log("previews", "{id}"),
-    priority: wave_priority("previews")
-    conda:
-        "../envs/turbowan.yaml"
-    script:
-        "../scripts/previews.py"
 
 
 rule batch_contact_sheet:

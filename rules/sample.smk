@@ -12,20 +12,16 @@ EXPERT_PARAMS = {
 }
 
 
-def text_of(wildcards):
-    return LAYOUT.text(row_of(wildcards).prompt_key)
-
-
 rule sample_high:
     input:
-        text=text_of,
+        text=row_text,
         cond=LAYOUT.cond("{id}"),
         expert=MODEL_INPUTS["high"],
     output:
         LAYOUT.boundary("{id}"),
     params:
-        sampling=lambda wildcards: row_of(wildcards).sampling(),
-        video=lambda wildcards: row_of(wildcards).video(),
+        sampling=row_sampling,
+        video=row_video,
         **EXPERT_PARAMS,
     log:
         LAYOUT.log("sample_high", "{id}"),
@@ -42,15 +38,15 @@ rule sample_high:
 
 rule sample_low:
     input:
-        text=text_of,
+        text=row_text,
         cond=LAYOUT.cond("{id}"),
         boundary=LAYOUT.boundary("{id}"),
         expert=MODEL_INPUTS["low"],
     output:
         LAYOUT.latent("{id}"),
     params:
-        sampling=lambda wildcards: row_of(wildcards).sampling(),
-        video=lambda wildcards: row_of(wildcards).video(),
+        sampling=row_sampling,
+        video=row_video,
         **EXPERT_PARAMS,
     log:
         LAYOUT.log("sample_low", "{id}"),

@@ -1,4 +1,4 @@
-# From the final latent to the mp4: VAE decode to lossless frames (GPU), then H.264 (CPU).
+# From the final latent to the mp4: VAE decode to lossless frames (GPU), then H.264 and pictures (CPU).
 
 
 def frames_output():
@@ -14,7 +14,7 @@ rule decode:
     output:
         frames_output(),
     params:
-        video=lambda wildcards: row_of(wildcards).video(),
+        video=row_video,
         device=config["device"],
         vae_dtype=config["vae_dtype"],
     log:
@@ -32,15 +32,21 @@ rule decode:
         "../scripts/decode.py"
 
 
+# The mp4, then its pictures (a contact sheet and an animated preview, made from the mp4 in the same
+# job: a job's start costs more than they do). The caption's prompt is read from the sheet by key.
 rule encode_video:
     input:
         frames=LAYOUT.frames("{id}"),
+        sheet=ancient(config["sheet"]),
     output:
-        LAYOUT.video("{id}"),
+        video=LAYOUT.video("{id}"),
+        contact_sheet=LAYOUT.contact_sheet("{id}"),
+        animation=LAYOUT.preview("{id}"),
     params:
-        video=lambda wildcards: row_of(wildcards).video(),
+        video=row_video,
         fps=config["video"]["fps"],
         quality=config["video"]["quality"],
+        prompt_key=row_prompt_key,
     log:
         LAYOUT.log("encode_video", "{id}"),
     benchmark:

@@ -43,6 +43,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def prompt_sheet(folder: Path, prompt: str) -> tuple[str, str]:
+    """(sheet, prompt key): a one-row sheet holding `prompt`, which encode_prompt reads by key."""
+    import csv
+
+    from turbowan.files.prompts import prompt_key
+
+    path = folder / "prompt-sheet.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "image", "prompt"], ["row", "none.png", prompt]])
+    return str(path), prompt_key(prompt)
+
+
 def write_image(path: Path, width: int, height: int, seed: int = 0, mode: str = "RGB") -> Path:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4}[mode]

@@ -17,7 +17,7 @@ from turbowan.stages.prompt import encode_prompt
 from turbowan.files.artifacts import load_artifact
 from turbowan.sheet import SheetError, check_defaults
 
-from .conftest import BIN, REPO, file_ids, jobs_run, make_workdir, snakemake, write_image
+from .conftest import BIN, REPO, file_ids, jobs_run, make_workdir, prompt_sheet, snakemake, write_image
 
 pytestmark = pytest.mark.slow
 
@@ -105,8 +105,7 @@ def test_a_reader_names_a_truncated_artifact_and_check_repair_remakes_its_row(ba
 
 def test_corrupt_bytes_inside_an_artifact_are_caught_by_its_reader(tmp_path, demo_models):
     text = tmp_path / "text.safetensors"
-    (tmp_path / "prompt.txt").write_text("a cat")
-    encode_prompt(str(tmp_path / "prompt.txt"), demo_models["text_encoder"], demo_models["tokenizer"], str(text), "cpu")
+    encode_prompt(*prompt_sheet(tmp_path, "a cat"), demo_models["text_encoder"], demo_models["tokenizer"], str(text), "cpu")
     data = bytearray(text.read_bytes())
     data[-7] ^= 0xFF  # flip bits inside the tensor data; the header stays valid
     text.write_bytes(bytes(data))

@@ -9,7 +9,7 @@ from turbowan.stages.prompt import encode_prompt
 from turbowan.stages.sampling import sample_high, sample_low
 from turbowan.wan.sizes import latent_shape
 
-from .conftest import write_image
+from .conftest import prompt_sheet, write_image
 from .test_sampler import VIDEO, single_process
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -19,8 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 4])
 def test_split_equals_single_process_on_cuda(demo_models, tmp_path, ode, num_steps):
     text, cond = str(tmp_path / "text.safetensors"), str(tmp_path / "cond.safetensors")
-    (tmp_path / "prompt.txt").write_text("a red car", encoding="utf-8")
-    encode_prompt(str(tmp_path / "prompt.txt"), demo_models["text_encoder"], demo_models["tokenizer"], text, "cuda")
+    encode_prompt(*prompt_sheet(tmp_path, "a red car"), demo_models["text_encoder"], demo_models["tokenizer"], text, "cuda")
     encode_image(str(write_image(tmp_path / "in.png", 60, 40)), demo_models["vae"], cond, VIDEO, "cuda")
     sampling = {"seed": 99, "num_steps": num_steps, "sigma_max": 200.0, "boundary": 0.9, "ode": ode}
     boundary, latent = str(tmp_path / "b.safetensors"), str(tmp_path / "l.safetensors")

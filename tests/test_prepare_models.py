@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import run_snakemake, write_image
+from tests.conftest import prompt_sheet, run_snakemake, write_image
 from turbowan.files.artifacts import load_artifact, read_record
 from turbowan.files.convert import write_safetensors
 from turbowan.demo import write_official_pth
@@ -94,9 +94,8 @@ def _reference_row(demo_models, tmp_path):
     ref.mkdir()
     text, cond = str(ref / "text.safetensors"), str(ref / "cond.safetensors")
     image = str(tmp_path / "in.png")
-    (ref / "prompt.txt").write_text(PROMPT, encoding="utf-8")
     ctx = StageContext()
-    encode_prompt(str(ref / "prompt.txt"), demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu", ctx=ctx)
+    encode_prompt(*prompt_sheet(ref, PROMPT), demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu", ctx=ctx)
     encode_image(image, demo_models["vae"], cond, VIDEO, "cpu", ctx=ctx)
     sample_high(text, cond, demo_models["high"], str(ref / "b.safetensors"), SAMPLING, VIDEO, "cpu", ctx=ctx)
     sample_low(text, cond, str(ref / "b.safetensors"), demo_models["low"], str(ref / "l.safetensors"),

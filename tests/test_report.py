@@ -222,12 +222,12 @@ def test_fixed_row_reruns_alone_and_html_report_in_browser(fixed_batch):
     # The rerun runs the failed row's jobs from the failed stage on, and the pictures of the batch:
     # no job of another row (each row and stage is a job of its own).
     ran = jobs_run(proc.stdout + proc.stderr)
-    assert ran == ["sample_low", "decode", "encode_video", "previews", "batch_contact_sheet", "gallery", "all"], ran
+    assert ran == ["sample_low", "decode", "encode_video", "batch_contact_sheet", "gallery", "all"], ran
     # Every artifact that existed is the same file as before; the failed row's latent and video are new.
     assert {path: after.get(path) for path in before} == before
     assert set(after) - set(before) == {f"results/{FAILED}/latent.safetensors", f"results/{FAILED}/video.mp4"}
     logs, old_logs = batch / "results" / "logs", batch / "after-failure" / "logs"
-    for stage in ("sample_low", "decode", "encode_video", "previews"):
+    for stage in ("sample_low", "decode", "encode_video"):
         for rid in FRAMES:
             row_log = (logs / stage / f"{rid}.log").read_text()
             if rid == FAILED:

@@ -17,14 +17,12 @@ VIDEO = {"width": 48, "height": 32, "num_frames": 9}
 
 @pytest.fixture(scope="module")
 def conditions(demo_models, tmp_path_factory):
-    from tests.conftest import write_image
+    from tests.conftest import prompt_sheet, write_image
 
     folder = tmp_path_factory.mktemp("cond")
     image = write_image(folder / "in.png", 60, 40, seed=3)
     text, cond = str(folder / "text.safetensors"), str(folder / "cond.safetensors")
-    prompt = folder / "prompt.txt"
-    prompt.write_text("a red car, in the rain", encoding="utf-8")
-    encode_prompt(str(prompt), demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu")
+    encode_prompt(*prompt_sheet(folder, "a red car, in the rain"), demo_models["text_encoder"], demo_models["tokenizer"], text, "cpu")
     encode_image(str(image), demo_models["vae"], cond, VIDEO, "cpu")
     return text, cond
 

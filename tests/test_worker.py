@@ -22,7 +22,7 @@ from turbowan.stages.context import Cancelled, StageContext
 from turbowan.wan.sampler import initial_state, run_steps
 from turbowan.wan.schedule import rcm_timesteps
 
-from .conftest import REPO, alive
+from .conftest import REPO, alive, prompt_sheet
 
 SECOND_UID = 65534  # nobody
 
@@ -31,6 +31,8 @@ SECOND_UID = 65534  # nobody
 def private_home(tmp_path, monkeypatch):
     """Private folders (sockets, locks, caches) of this test alone."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # (torch may have set them in this process)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -38,10 +40,10 @@ def private_home(tmp_path, monkeypatch):
 @pytest.fixture
 def prompt_job(private_home, demo_models):
     """The args of an encode_prompt row (the quickest model stage)."""
-    (private_home / "prompt.txt").write_text("a lighthouse in fog")
+    sheet, key = prompt_sheet(private_home, "a lighthouse in fog")
 
     def args(out="text.safetensors"):
-        return {"prompt_file": "prompt.txt", "text_encoder": demo_models["text_encoder"],
+        return {"sheet": sheet, "prompt_key": key, "text_encoder": demo_models["text_encoder"],
                 "tokenizer": demo_models["tokenizer"], "out": out, "device": "cpu"}
 
     return args

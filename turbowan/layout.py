@@ -4,7 +4,7 @@ The rules, the summary, the gallery and `turbowan check` all ask this module whe
 layout is spelled once. A path may be a pattern: pass "{id}" (or "{prompt_key}") as the key and the
 rules get a wildcard.
 
-    <results>/prompts/<prompt_key>/prompt.txt, text.safetensors   shared by rows with one prompt
+    <results>/prompts/<prompt_key>/text.safetensors   shared by rows with one prompt
     <results>/<id>/cond.safetensors, boundary.safetensors, latent.safetensors, frames/, video.mp4,
                    contact_sheet.png, preview.gif
     <results>/logs/<rule>/<key>.log, <results>/benchmarks/<rule>/<key>.tsv
@@ -50,9 +50,6 @@ class Layout:
         return "/".join((self.results, *parts))
 
     # one prompt
-    def prompt(self, prompt_key: str) -> str:
-        return self._join(PROMPTS, prompt_key, "prompt.txt")
-
     def text(self, prompt_key: str) -> str:
         return self._join(PROMPTS, prompt_key, "text.safetensors")
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files.artifacts import atomic_path
+from ..files.prompts import read_prompt
 
 FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",)
 
@@ -173,8 +174,9 @@ def animated_preview(video: str | Path, out: str | Path, max_side: int = 192, ma
     return out
 
 
-def make_previews(video: str | Path, prompt_file: str | Path, contact_sheet_out: str | Path,
+def make_previews(video: str | Path, sheet: str | Path, prompt_key: str, contact_sheet_out: str | Path,
                   animation_out: str | Path, row_id: str) -> None:
-    """Both pictures of one row's video (one job: the mp4 is small, a job's start-up is not)."""
-    contact_sheet(video, contact_sheet_out, row_id, Path(prompt_file).read_text(encoding="utf-8"))
+    """Both pictures of one row's video (one job: the mp4 is small, a job's start-up is not); the
+    caption's prompt is read from the sheet by its key."""
+    contact_sheet(video, contact_sheet_out, row_id, read_prompt(sheet, prompt_key))
     animated_preview(video, animation_out)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import torch
 
 from ..files.artifacts import save_artifact
+from ..files.prompts import read_prompt
 from ..progress import phase
 from ..wan.devices import resolve_device
 from ..wan.text import TEXT_LEN, encode_text
@@ -17,13 +16,12 @@ from .context import StageContext
 log = logging.getLogger(__name__)
 
 
-def encode_prompt(prompt_file: str, text_encoder: str, tokenizer: str, out: str,
-                  device: str = "auto", dtype: str = "bfloat16",
-        *, ctx: StageContext | None = None) -> None:
-    """The prompt is read from a file (the sheet's text never travels as a job parameter)."""
+def encode_prompt(sheet: str, prompt_key: str, text_encoder: str, tokenizer: str, out: str,
+                  device: str = "auto", dtype: str = "bfloat16", *, ctx: StageContext | None = None) -> None:
+    """The prompt is read from the sheet by its key (turbowan.files.prompts)."""
     ctx = StageContext() if ctx is None else ctx
     dev = resolve_device(device)
-    prompt = Path(prompt_file).read_text(encoding="utf-8")
+    prompt = read_prompt(sheet, prompt_key)
     encoder, tok = loading.text_encoder(ctx, text_encoder, tokenizer, dev, dtype)
     with phase("encode prompt"):
         emb, length = encode_text(encoder, tok, prompt, dev)
@@ -31,4 +29,5 @@ def encode_prompt(prompt_file: str, text_encoder: str, tokenizer: str, out: str,
     ctx.check()
     params = {"text_len": TEXT_LEN, "dtype": dtype, "device_type": dev.type}
     save_artifact(out, {"text": emb, "length": torch.tensor([length], dtype=torch.int64)}, stage="encode_prompt",
-                  params=params, inputs={"prompt": prompt_file, "text_encoder": text_encoder, "tokenizer": tokenizer})
+                  params={**params, "prompt_key": prompt_key},
+                  inputs={"text_encoder": text_encoder, "tokenizer": tokenizer})

@@ -1,5 +1,5 @@
-"""encode_video: a row's frames -> its H.264 mp4. No torch here: with `--cores 1` the mp4 jobs run
-one after another, and importing torch would be a second and more of each."""
+"""encode_video: a row's frames -> its H.264 mp4, and the pictures of it. No torch here: with
+`--cores 1` the mp4 jobs run one after another, and importing torch would be a second and more of each."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def encode_video(frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int) -> None:
+    """Frames -> H.264 mp4 (yuv420p), checked for every frame once written."""
     video = video_values(video)
     files, info = load_frames(frames_dir)
     if (info["count"], info["width"], info["height"]) != (video["num_frames"], video["width"], video["height"]):
@@ -24,3 +25,13 @@ def encode_video(frames_dir: str, out: str, video: Mapping[str, Any], fps: int, 
         )
     write_mp4(files, out, video["width"], video["height"], int(fps), int(quality))
     log.info("wrote %s (%d frames at %d fps)", Path(out), video["num_frames"], fps)
+
+
+def encode_video_and_pictures(frames_dir: str, out: str, video: Mapping[str, Any], fps: int, quality: int,
+                              sheet: str, prompt_key: str, contact_sheet_out: str, animation_out: str,
+                              row_id: str) -> None:
+    """The rule encode_video: the mp4, then its pictures made from it (turbowan.report.previews)."""
+    from ..report.previews import make_previews
+
+    encode_video(frames_dir, out, video, fps, quality)
+    make_previews(out, sheet, prompt_key, contact_sheet_out, animation_out, row_id)
