@@ -110,7 +110,7 @@ def code_for_others(public_tmp):
     may sit in root's home); run with the system's Python (stdlib only)."""
     package = public_tmp / "code" / "turbowan"
     (package / "runtime").mkdir(parents=True)
-    for name in ("__init__.py", "runtime/__init__.py", "runtime/gpus.py", "runtime/private.py"):
+    for name in ("__init__.py", "runtime/__init__.py", "runtime/gpus.py", "private.py"):
         shutil.copyfile(REPO / "turbowan" / name, package / name)
     for root, dirs, files in os.walk(public_tmp / "code"):
         os.chmod(root, 0o755)
