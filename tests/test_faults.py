@@ -99,7 +99,6 @@ def test_a_reader_names_a_truncated_artifact_and_check_repair_remakes_its_row(ba
     assert ran.count("sample_high") == 1 and "encode_image" not in ran
     assert boundary.read_bytes() == data
     after = file_ids(folder)
-    assert {k for k in before if k in after and after[k] != before[k]} == set()  # boat's files untouched
     assert all(after[k] == before[k] for k in before if k.startswith("results/boat/"))
 
 

@@ -1,6 +1,7 @@
 """`turbowan`: helpers for a batch's results, usable while or after Snakemake runs.
 
     turbowan status <results> [--configfile config.yaml]   the summary table (rebuilt from disk)
+    turbowan check [--configfile my.yaml] [--repair]       damaged artifacts (removed with --repair)
     turbowan inspect <artifact.safetensors>                tensors and the recorded provenance
 
 `inspect` reads only a safetensors header (names, shapes, dtypes, metadata): it never loads
@@ -20,15 +21,49 @@ from .files.artifacts import META_KEY
 from .report.summary import SUMMARY_NAME, build_summary, format_table, rows_from_summary, write_summary
 
 
-def _rows_from_config(configfile: str):
-    """The sheet's rows, read with the config's defaults as the workflow reads them."""
+WORKFLOW = Path(__file__).resolve().parent.parent  # the checkout: Snakefile, config/
+
+
+def merged_config(configfile: str | None) -> dict:
+    """config/config.yaml with `configfile` merged over it key by key, as Snakemake merges a
+    --configfile over the workflow's own config (so a my.yaml may hold only what differs)."""
     import yaml
 
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    config = yaml.safe_load((WORKFLOW / "config" / "config.yaml").read_text())
+    return merge(config, yaml.safe_load(Path(configfile).read_text()) or {}) if configfile else config
+
+
+def _rows_from_config(configfile: str | None):
+    """The sheet's rows, read with the config's defaults as the workflow reads them, and the results folder."""
     from .sheet import load_schema, read_rows
 
-    config = yaml.safe_load(Path(configfile).read_text())
-    schema = load_schema(Path(__file__).resolve().parent.parent / "config" / "schemas" / "sheet.schema.yaml")
-    return read_rows(config["sheet"], config["defaults"], schema), config["results"]
+    config = merged_config(configfile)
+    schema = load_schema(WORKFLOW / "config" / "schemas" / "sheet.schema.yaml")
+    return read_rows(config["sheet"], config["defaults"], schema, decode_images=False), config["results"]
+
+
+def check(args: argparse.Namespace) -> int:
+    """Damaged artifacts of the batch: listed (exit 1 if any), or with --repair removed (exit 0)."""
+    from .check import find_damage, repair
+
+    rows, results = _rows_from_config(args.configfile)
+    damage = find_damage(results, rows)
+    for item in damage:
+        print(item)
+    if not damage:
+        print(f"{results}: no damaged artifact among {len(rows)} rows")
+        return 0
+    if args.repair:
+        for path in repair(damage):
+            print(f"removed {path}")
+        print("the next run remakes them, and what was made from them")
+        return 0
+    print(f"{len(damage)} damaged; `turbowan check --repair` removes them for the next run to remake")
+    return 1
 
 
 def status(args: argparse.Namespace) -> int:
@@ -102,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("results", nargs="?", help="the results folder (config key `results`)")
     p_status.add_argument("--configfile", help="read the rows from this config's sheet instead of summary.csv")
     p_status.set_defaults(func=status)
+    p_check = sub.add_parser("check", help="find damaged artifacts of a batch (--repair removes them)")
+    p_check.add_argument("--configfile", help="the batch's config (default: config/config.yaml, the demo)")
+    p_check.add_argument("--repair", action="store_true", help="delete each damaged file for the next run to remake")
+    p_check.set_defaults(func=check)
     p_inspect = sub.add_parser("inspect", help="print a stage file's tensors and recorded parameters")
     p_inspect.add_argument("artifacts", nargs="+", help="safetensors files")
     p_inspect.set_defaults(func=inspect)
