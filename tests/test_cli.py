@@ -100,3 +100,16 @@ def test_status_from_a_config_as_a_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[:2] for line in proc.stdout.splitlines()[1:3]] == [["row-1", "missing"], ["row-2", "missing"]]
     assert (tmp_path / "out" / "summary.csv").is_file()
+
+
+def test_status_with_a_minimal_configfile_merges_it_over_the_defaults(tmp_path, capsys, monkeypatch):
+    """A my.yaml with only `sheet` and `results` (Snakemake merges it over config/config.yaml) works for
+    `turbowan status` and `turbowan check` too: the defaults come from the workflow's config."""
+    write_image(tmp_path / "a.png", 40, 30)
+    (tmp_path / "sheet.csv").write_text("id,image,prompt\nrow1,a.png,a boat\n", encoding="utf-8")
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({"sheet": "sheet.csv", "results": "out"}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--configfile", "my.yaml"]) == 0
+    assert "row1" in capsys.readouterr().out and (tmp_path / "out" / "summary.csv").is_file()
+    assert main(["check", "--configfile", "my.yaml"]) == 0
+    assert "no damaged artifact among 1 rows" in capsys.readouterr().out
