@@ -1,6 +1,9 @@
 # TurboWan batch: a sheet of (image, prompt) rows in, one mp4 per row out.
 # Stages, one job per row: encode_prompt, encode_image -> sample_high -> sample_low -> decode ->
 # encode_video, then pictures per video and the gallery for `snakemake --report report.zip`.
+import sys
+
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -9,6 +12,15 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# Every problem of the config at once, in a line each (turbowan.settings), then Snakemake's own
+# validation, which fills in the schema's defaults.
+sys.path.insert(0, workflow.basedir)
+from turbowan.settings import ConfigError, check_config  # noqa: E402
+
+try:
+    check_config(config, f"{workflow.basedir}/config/schemas/config.schema.yaml")
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 validate(config, "config/schemas/config.schema.yaml")
 
 

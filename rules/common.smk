@@ -5,6 +5,7 @@ import sys
 
 from snakemake.common import overwrite_function_params
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 # The `turbowan` library of this checkout, importable without installing it. (Scripts find it
 # through the scripts/turbowan link: Snakemake puts a script's folder on its sys.path.)
@@ -13,12 +14,13 @@ sys.path.insert(0, workflow.basedir)
 from turbowan.files.formats import CheckpointError  # noqa: E402
 from turbowan.files.modelfiles import plan_models  # noqa: E402
 from turbowan.layout import Layout  # noqa: E402
-from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows  # noqa: E402
+from turbowan.loras import grouped_positions, plan_loras  # noqa: E402
+from turbowan.wan.prompts import TEXT_LEN, token_counts  # noqa: E402
+from turbowan.sheet import SheetError, load_schema, read_rows  # noqa: E402
 
 LAYOUT = Layout(config["results"])
 
 try:
-    check_defaults(config["defaults"])
     ROWS = {
         row.id: row
         for row in read_rows(
@@ -66,7 +68,8 @@ def wave_priority(stage):
     rank = STAGE_RANK[stage]
 
     def priority(wildcards):
-        position = PROMPT_POSITION[wildcards.prompt_key] if "prompt_key" in wildcards.keys() else POSITION[wildcards.id]
+        position = (PROMPT_POSITION[wildcards.prompt_key] if "prompt_key" in wildcards.keys()
+                    else STAGE_POSITION.get(stage, POSITION)[wildcards.id])  # (STAGE_POSITION: LoRAs, below)
         wave, in_wave = divmod(position, WAVE_ROWS)
         return ((WAVES - wave) * len(STAGE_RANK) + rank) * WAVE_ROWS + (WAVE_ROWS - in_wave)
 
@@ -135,3 +138,33 @@ if MODEL_PLAN.problems:
     raise WorkflowError("model files (check the config's `models`):\n  " + "\n  ".join(MODEL_PLAN.problems))
 # role -> the file the stages read (the prepared safetensors for a .pth)
 MODEL_INPUTS = MODEL_PLAN.inputs
+
+# umT5 reads at most 512 tokens: say which rows' prompts are longer before any job runs (once the
+# tokenizer is there; the demo's is made by a rule).
+if workflow.is_main_process:
+    _tokens = token_counts(PROMPTS, MODEL_INPUTS["tokenizer"])
+    for _row in ROWS.values():
+        if _tokens.get(_row.prompt_key, 0) > TEXT_LEN:
+            logger.warning(f"row {_row.id!r} (line {_row.line}): its prompt has {_tokens[_row.prompt_key]} tokens; "
+                           f"umT5 reads the first {TEXT_LEN}, the rest is ignored")
+
+
+# LoRAs: the config's `loras` (name -> a file per expert), picked per row by the sheet's `loras`
+# column (turbowan/loras.py). Each row's set per expert is planned now, and every name and every file
+# a row uses is checked now: a LoRA that does not fit its expert stops the run, naming the file and
+# its first tensor that does not fit. In each wave the sampling stages take the rows of one set one
+# after another (a worker keeps one merge of an expert at a time); without LoRAs, sheet order.
+DEMO_LORAS = {
+    "high": "resources/demo-models/demo_lora_high.safetensors",
+    "low": "resources/demo-models/demo_lora_low.safetensors",
+}
+LORA_PLAN = plan_loras(config.get("loras"), ROWS.values(), config["sheet"],
+                       {role: [MODEL_INPUTS[role], config["models"][role]] for role in ("high", "low")},
+                       DEMO_LORAS.values(), check=workflow.is_main_process)
+if LORA_PLAN.problems:
+    raise WorkflowError("LoRAs (the config's `loras`, the sheet's `loras` column); nothing was run:\n  "
+                        + "\n  ".join(LORA_PLAN.problems))
+STAGE_POSITION = {
+    f"sample_{expert}": grouped_positions(list(ROWS), lambda row_id, e=expert: LORA_PLAN.key(row_id, e), WAVE_ROWS)
+    for expert in ("high", "low")
+}

@@ -74,7 +74,12 @@ BAD_ROWS = [
     ("r,img/a.png,x,-1", "seed", ">= 0"),
     ("r,img/a.png,x,,,,,maybe", "adaptive", "not true/false"),
     ("r,img/a.png,x,,,,,,,,,,,2", "ode", "not true/false"),
-    ("logs,img/a.png,x", "id", "reserved"),
+    ("logs,img/a.png,x", "id", "name of one of the batch's own files or folders"),
+    ("gallery,img/a.png,x", "id", "name of one of the batch's own files or folders"),
+    ("summary.csv,img/a.png,x", "id", "name of one of the batch's own files or folders"),
+    ("..,img/a.png,x", "id", "starts with a dot"),
+    (".,img/a.png,x", "id", "starts with a dot"),
+    (".store,img/a.png,x", "id", "starts with a dot"),
 ]
 HEADER = "id,image,prompt,seed,num_frames,resolution,aspect_ratio,adaptive,width,height,num_steps,sigma_max,boundary,ode\n"
 
@@ -90,10 +95,21 @@ def test_each_bad_cell_is_named(sheet_dir, line, column, message):
 def test_every_problem_is_reported_at_once(sheet_dir):
     found = problems(sheet_dir, HEADER + "a,img/a.png,x\na,img/a.png,y\nb,img/nope.png,\nc,img/a.png,z,,10\n")
     assert len(found) == 4
-    assert "row 2 (id 'a'), column 'id': duplicate id; row 1 has it already" in found[0]
-    assert any("row 3 (id 'b'), column 'image'" in p for p in found)
-    assert any("row 3 (id 'b'), column 'prompt'" in p for p in found)
-    assert any("row 4 (id 'c'), column 'num_frames'" in p for p in found)
+    assert "row 2 (line 3, id 'a'), column 'id': duplicate id; row 1 has it already" in found[0]
+    assert any("row 3 (line 4, id 'b'), column 'image'" in p for p in found)
+    assert any("row 3 (line 4, id 'b'), column 'prompt'" in p for p in found)
+    assert any("row 4 (line 5, id 'c'), column 'num_frames'" in p for p in found)
+
+
+def test_csv_lines_are_named_across_multi_line_prompts_and_blank_lines(sheet_dir):
+    found = problems(sheet_dir, 'id,image,prompt\na,img/a.png,"two\nlines"\n\nb,img/a.png,x\nc,img/nope.png,y\n')
+    assert any("row 3 (line 6, id 'c'), column 'image'" in p for p in found), found
+
+
+def test_an_unknown_column_hides_no_rows_problem(sheet_dir):
+    found = problems(sheet_dir, "id,image,prompt,sede\na,img/a.png,x,1\nb,img/nope.png,y,2\n")
+    assert any("unknown column(s) 'sede'" in p for p in found)
+    assert any("row 2 (line 3, id 'b'), column 'image'" in p for p in found), found
 
 
 def test_unknown_and_missing_columns(sheet_dir):
@@ -117,7 +133,7 @@ def test_not_utf8(sheet_dir):
 def test_adaptive_size_too_large_is_refused(sheet_dir):
     write_image(sheet_dir / "img" / "tall.png", 100, 4000)
     found = problems(sheet_dir, "id,image,prompt,adaptive\nt,img/tall.png,x,true\n")
-    assert "above 2048" in found[0] and "row 1 (id 't')" in found[0]
+    assert "above 2048" in found[0] and "row 1 (line 2, id 't')" in found[0]
 
 
 def test_defaults_checked():
@@ -135,7 +151,7 @@ def test_truncated_image_is_caught_by_decoding(sheet_dir):
     data = (sheet_dir / "img" / "full.jpg").read_bytes()
     (sheet_dir / "img" / "cut.jpg").write_bytes(data[: len(data) // 2])
     found = problems(sheet_dir, "id,image,prompt\nc,img/cut.jpg,x\n")
-    assert "row 1 (id 'c'), column 'image'" in found[0] and "truncated" in found[0]
+    assert "row 1 (line 2, id 'c'), column 'image'" in found[0] and "truncated" in found[0]
     # jobs re-reading the sheet only look at the header, which is intact
     (sheet_dir / "sheet.csv").write_text("id,image,prompt\nc,img/cut.jpg,x\n")
     assert read_rows(sheet_dir / "sheet.csv", DEFAULTS, SCHEMA, decode_images=False)[0].id == "c"

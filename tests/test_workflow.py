@@ -240,3 +240,17 @@ def test_waves_deliver_videos_as_the_batch_goes(tmp_path):
     assert wave.index("sample_low") > max(i for i, rule in enumerate(wave) if rule == "sample_high")
     order = re.findall(r"^(?:local)?rule sample_low:\n(?:    .*\n)*?    output: results/(w\d+)/", out.stdout + out.stderr, re.M)
     assert order == sorted(order) and len(order) == 12, order
+
+
+def test_a_prompt_longer_than_umt5_reads_is_named_before_any_job(tmp_path, demo_models):
+    long = " ".join(f"word{i}" for i in range(700))
+    folder = make_workdir(tmp_path, f"id,image,prompt,num_frames,width,height\nshort,images/cafe.png,a cafe,5,32,32\n"
+                                    f"long,images/harbour.png,{long},5,32,32\n")
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["models"] = dict(demo_models)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(folder, "-n")
+    warning = re.search(r"row 'long' \(line 3\): its prompt has (\d+) tokens; umT5 reads the first 512",
+                        out.stdout + out.stderr)
+    assert warning and int(warning[1]) > 700, (out.stdout + out.stderr)[-2000:]
+    assert "row 'short'" not in out.stdout + out.stderr

@@ -6,7 +6,7 @@ typo in row 412 does not surface hours into a batch.
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -17,27 +17,28 @@ import jsonschema
 import pandas as pd
 import yaml
 
+from .files.prompts import prompt_key
+from .layout import id_problem
+from .loras import parse_loras_cell
 from .wan.image import ImageError, image_size, open_rgb
 from .wan.sizes import PRESETS, choose_size, frames_ok, size_problem
 
-# Folder names under <results> that hold shared files, so they cannot be row ids.
-RESERVED_IDS = {"prompts", "logs", "benchmarks"}
 REQUIRED = ("id", "image", "prompt")
 INTEGER = ("seed", "num_frames", "width", "height", "num_steps")
 NUMBER = ("sigma_max", "boundary")
 BOOLEAN = ("adaptive", "ode")
-TEXT = ("id", "image", "prompt", "resolution", "aspect_ratio")
+TEXT = ("id", "image", "prompt", "resolution", "aspect_ratio", "loras")
 COLUMNS = TEXT + INTEGER + NUMBER + BOOLEAN
 TRUE, FALSE = {"true", "yes", "1", "y", "t"}, {"false", "no", "0", "n", "f"}
 
 
 class SheetError(ValueError):
-    """All problems of a sheet, one per line."""
+    """All problems of a sheet (or of the config's defaults), one per line."""
 
-    def __init__(self, path: str | Path, problems: list[str]):
+    def __init__(self, path: str | Path, problems: list[str], what: str = "in the sheet"):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{path}: {len(problems)} problem(s) in the sheet; nothing was run:\n{lines}")
+        super().__init__(f"{path}: {len(problems)} problem(s) {what}; nothing was run:\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,13 @@ class Row:
     sigma_max: float
     boundary: float
     ode: bool
+    line: int = 0  # where the row starts in the CSV file (1 = the header)
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) in name order (turbowan.loras)
 
     @property
     def prompt_key(self) -> str:
         """Identical prompts share one text embedding, stored under this key."""
-        return hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()[:16]
+        return prompt_key(self.prompt)
 
     def video(self) -> dict[str, int]:
         return {"width": self.width, "height": self.height, "num_frames": self.num_frames}
@@ -72,6 +75,8 @@ class Row:
 
 def _convert(column: str, text: str) -> Any:
     """A CSV cell -> its typed value; raises ValueError with a short reason."""
+    if column == "loras":
+        return parse_loras_cell(text)
     if column in INTEGER:
         try:
             value = float(text)
@@ -132,22 +137,23 @@ def read_rows(
 
     problems: list[str] = []
     unknown = [c for c in table.columns if c not in COLUMNS]
-    if unknown:
+    if unknown:  # reported with the rows' problems: an unknown column hides none of them
         problems.append(f"unknown column(s) {', '.join(map(repr, unknown))}; known columns: {', '.join(COLUMNS)}")
     missing = [c for c in REQUIRED if c not in table.columns]
     if missing:
-        problems.append(f"missing required column(s): {', '.join(missing)}")
-    if problems:
-        raise SheetError(path, problems)
+        raise SheetError(path, problems + [f"missing required column(s): {', '.join(missing)}"])
     if table.empty:
-        raise SheetError(path, ["the sheet has no rows"])
+        raise SheetError(path, problems + ["the sheet has no rows"])
+    lines = record_lines(path)
 
     validator = jsonschema.Draft202012Validator(schema)
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for index, cells in enumerate(table.to_dict("records"), start=1):
         row_id = cells.get("id", "").strip()
-        where = f"row {index} (id {row_id!r})" if row_id else f"row {index}"
+        line = lines[index] if index < len(lines) else 0
+        at = f"line {line}, " if line else ""
+        where = f"row {index} ({at}id {row_id!r})" if row_id else f"row {index}" + (f" (line {line})" if line else "")
         row_problems: list[tuple[str, str]] = []  # (column, message)
 
         def problem(column: str, message: str) -> None:
@@ -178,8 +184,8 @@ def read_rows(
 
         bad = {column for column, _ in row_problems}
         if "id" not in bad and row_id:
-            if row_id in RESERVED_IDS:
-                problem("id", f"{row_id!r} is reserved for the results folder's own use")
+            if reason := id_problem(row_id):
+                problem("id", reason)
             elif row_id in seen:
                 problem("id", f"duplicate id; row {seen[row_id]} has it already")
             seen.setdefault(row_id, index)
@@ -226,10 +232,24 @@ def read_rows(
             id=row_id, image=str(image_path), prompt=values["prompt"], seed=values["seed"],
             num_frames=values["num_frames"], width=width, height=height, num_steps=values["num_steps"],
             sigma_max=float(values["sigma_max"]), boundary=float(values["boundary"]), ode=bool(values["ode"]),
+            line=line, loras=values.get("loras", ()),
         ))
     if problems:
         raise SheetError(path, problems)
     return rows
+
+
+def record_lines(path: str | Path) -> list[int]:
+    """The CSV line each record starts on: [header's, row 1's, row 2's, ...] (quoted prompts may span
+    lines, and blank lines are skipped, as pandas skips them)."""
+    starts, line = [], 1
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        for record in reader:
+            if record:
+                starts.append(line)
+            line = reader.line_num + 1
+    return starts
 
 
 def check_defaults(defaults: Mapping[str, Any], where: str = "config") -> None:
@@ -241,4 +261,4 @@ def check_defaults(defaults: Mapping[str, Any], where: str = "config") -> None:
     if (defaults.get("width") is None) != (defaults.get("height") is None):
         problems.append("defaults.width and defaults.height must be given together (or both null)")
     if problems:
-        raise SheetError(where, problems)
+        raise SheetError(where, problems, what="in the config")

@@ -165,6 +165,7 @@ def row_summary(results: str | Path, row: RowLike) -> dict[str, object]:
         "total_s": round(sum(times), 2) if times else "",
         "video": stages["encode_video"].output,
         "kernels": row_kernels(results, row),
+        "prompt_tokens": prompt_tokens(results, row),
         "prompt_key": row.prompt_key,
         "prompt": row.prompt,
     }
@@ -176,11 +177,22 @@ def row_summary(results: str | Path, row: RowLike) -> dict[str, object]:
     return line
 
 
+def prompt_tokens(results: str | Path, row: RowLike) -> object:
+    """How many tokens the row's prompt made (umT5 reads 512), from its embedding's record; "" before."""
+    from ..files.artifacts import ArtifactError, read_record
+
+    path = stage_output(results, row, "encode_prompt")
+    try:
+        return read_record(path).get("params", {}).get("prompt_tokens", "") if path.is_file() else ""
+    except ArtifactError:
+        return ""
+
+
 def columns() -> list[str]:
     head = ["id", "state", "failed_stage", "error", "total_s", "video"]
     per_stage = [f"{stage}_{what}" for what in ("state", "s") for stage in STAGES]
     outputs = [f"{stage}_output" for stage in STAGES]
-    return head + per_stage + outputs + ["kernels", "prompt_key", "prompt"]
+    return head + per_stage + outputs + ["kernels", "prompt_tokens", "prompt_key", "prompt"]
 
 
 def build_summary(results: str | Path, rows: Iterable[RowLike]) -> list[dict[str, object]]:

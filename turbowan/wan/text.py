@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import html
-import re
-
-import ftfy
 import torch
 
-TEXT_LEN = 512
-
-
-def clean_prompt(text: str) -> str:
-    """The official 'whitespace' cleaning: ftfy, html-unescape twice, collapse whitespace."""
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
+from .prompts import TEXT_LEN, clean_prompt
 
 
 def tokenize(tokenizer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
