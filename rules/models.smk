@@ -1,4 +1,5 @@
-# The built-in demo's tiny random-weight models, made once in the real checkpoint layouts.
+# The built-in demo's tiny random-weight models, made once in the real checkpoint layouts, and
+# its LoRA pair (ComfyUI's layout).
 
 
 rule make_demo_models:
@@ -8,6 +9,8 @@ rule make_demo_models:
         vae=DEMO_MODELS["vae"],
         text_encoder=DEMO_MODELS["text_encoder"],
         tokenizer=directory(DEMO_MODELS["tokenizer"]),
+        lora_high=DEMO_LORAS["high"],
+        lora_low=DEMO_LORAS["low"],
     params:
         seed=config["models"].get("demo_seed", 0),
     log:

@@ -12,15 +12,33 @@ EXPERT_PARAMS = {
 }
 
 
+# A row's LoRAs (turbowan/loras.py; LORA_PLAN in common.smk) for one expert: their files are inputs
+# (a replaced file reruns the rows that use it), and the set [{name, file, scale}] travels inside the
+# `sampling` parameter, and only for rows that have one, so a row without LoRAs keeps exactly the
+# parameters it always had; a changed scale changes that row's parameters, so Snakemake reruns it.
+def row_lora_files(expert):
+    return of_wildcards(lambda wildcards: LORA_PLAN.files(wildcards.id, expert))
+
+
+def row_sampling_loras(expert):
+    def sampling(wildcards):
+        values = ROWS[wildcards.id].sampling()
+        loras = LORA_PLAN.sets[wildcards.id][expert]
+        return {**values, "loras": loras} if loras else values
+
+    return of_wildcards(sampling)
+
+
 rule sample_high:
     input:
+        row_lora_files("high"),
         text=row_text,
         cond=LAYOUT.cond("{id}"),
         expert=MODEL_INPUTS["high"],
     output:
         LAYOUT.boundary("{id}"),
     params:
-        sampling=row_sampling,
+        sampling=row_sampling_loras("high"),
         video=row_video,
         **EXPERT_PARAMS,
     log:
@@ -38,6 +56,7 @@ rule sample_high:
 
 rule sample_low:
     input:
+        row_lora_files("low"),
         text=row_text,
         cond=LAYOUT.cond("{id}"),
         boundary=LAYOUT.boundary("{id}"),
@@ -45,7 +64,7 @@ rule sample_low:
     output:
         LAYOUT.latent("{id}"),
     params:
-        sampling=row_sampling,
+        sampling=row_sampling_loras("low"),
         video=row_video,
         **EXPERT_PARAMS,
     log:

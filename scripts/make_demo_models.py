@@ -8,5 +8,7 @@ run_cpu_job(
     vae=snakemake.output.vae,
     text_encoder=snakemake.output.text_encoder,
     tokenizer=snakemake.output.tokenizer,
+    lora_high=snakemake.output.lora_high,
+    lora_low=snakemake.output.lora_low,
     seed=snakemake.params.seed,
 )

@@ -5,7 +5,8 @@ uses these: the Wan2.2 DiT (128-wide heads like the real one, but 2 heads and 2 
 VAE (its real block structure, 8 base channels instead of 96), the umT5 encoder (2 layers, width
 32) and a small tokenizer built offline. The files use the official key names, so the loaders
 the demo exercises are the ones real checkpoints go through, and the experts carry SLA `proj_l`
-weights like TurboDiffusion's. The videos they make are noise.
+weights like TurboDiffusion's. The videos they make are noise. A tiny LoRA pair (ComfyUI's layout)
+goes with them, for the demo row that uses one.
 
 `write_official_pth` re-saves a demo file as a `.pth` the way the official tools do (for the DiT:
 a `net.` prefix and `_checkpoint_wrapped_module.` pieces), to exercise prepare_models.
@@ -136,10 +137,64 @@ def make_tokenizer(folder: Path) -> None:
     fast.save_pretrained(str(folder))
 
 
-def make_demo_models(high: str, low: str, vae: str, text_encoder: str, tokenizer: str, seed: int = 0) -> None:
-    """All demo model files, deterministic for a given seed."""
+# The Linear layers of an expert block a Wan LoRA trains (official names).
+LORA_MODULES = tuple(f"{attn}.{p}" for attn in ("self_attn", "cross_attn") for p in "qkvo") + ("ffn.0", "ffn.2")
+
+
+def _lora_module_shape(module: str, config: dict) -> tuple[int, int]:
+    """[out, in] of a block Linear."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    return {"ffn.0": (config["ffn_dim"], dim), "ffn.2": (dim, config["ffn_dim"])}.get(module, (dim, dim))
+
+
+def lora_tensors(seed: int, layout: str = "comfyui", rank: int = 4, alpha: float | None = 2.0,
+                 config: dict | None = None, std: float = 0.05) -> dict[str, torch.Tensor]:
+    """A random LoRA for every block Linear of an expert (`config`: DEMO_DIT), in one of the layouts
+    (turbowan.files.loras): comfyui (diffusion_model.blocks.N.self_attn.q.lora_A.weight + .alpha),
+    diffusers (transformer.blocks.N.attn1.to_q.lora_A.weight; no alpha: alpha = rank) or kohya
+    (lora_unet_blocks_N_self_attn_q.lora_down.weight + .alpha). bf16, as trainers save them."""
+    from .wan.keymaps import dit_key_to_diffusers
+
+    config = config or DEMO_DIT
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(config["num_layers"]):
+        for module in LORA_MODULES:
+            out_f, in_f = _lora_module_shape(module, config)
+            down = (torch.randn(rank, in_f, generator=generator) * std).to(torch.bfloat16)
+            up = (torch.randn(out_f, rank, generator=generator) * std).to(torch.bfloat16)
+            official = f"blocks.{i}.{module}"
+            if layout == "comfyui":
+                names = (f"diffusion_model.{official}.lora_A.weight", f"diffusion_model.{official}.lora_B.weight",
+                         f"diffusion_model.{official}.alpha")
+            elif layout == "kohya":
+                stem = "lora_unet_" + official.replace(".", "_")
+                names = (f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha")
+            elif layout == "diffusers":
+                stem = "transformer." + dit_key_to_diffusers(f"{official}.weight").removesuffix(".weight")
+                names = (f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", None)
+            else:
+                raise ValueError(f"unknown LoRA layout {layout!r}")
+            tensors[names[0]], tensors[names[1]] = down, up
+            if names[2] is not None and alpha is not None:
+                tensors[names[2]] = torch.tensor(float(alpha))
+    return tensors
+
+
+def make_lora(path: Path, seed: int, layout: str = "comfyui", **kwargs) -> None:
+    _save(lora_tensors(seed, layout, **kwargs), path)
+
+
+def make_demo_models(high: str, low: str, vae: str, text_encoder: str, tokenizer: str, seed: int = 0,
+                     lora_high: str | None = None, lora_low: str | None = None) -> None:
+    """All demo model files, deterministic for a given seed; with lora_high / lora_low, the demo's
+    LoRA pair too (ComfyUI's layout, rank 4, alpha 2)."""
     make_dit(Path(high), seed + 1)
     make_dit(Path(low), seed + 2)
     make_vae(Path(vae), seed + 3)
     make_text_encoder(Path(text_encoder), seed + 4)
     make_tokenizer(Path(tokenizer))
+    if lora_high:
+        make_lora(Path(lora_high), seed + 5)
+    if lora_low:
+        make_lora(Path(lora_low), seed + 6)

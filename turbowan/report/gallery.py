@@ -113,6 +113,8 @@ def _parameters(row: Any, info: BatchInfo) -> list[tuple[str, Any]]:
         ("sampler", "ODE" if row.ode else "SDE"), ("attention", info.attention),
     ]
     params += [(f"checkpoint {name}", Path(path).name) for name, path in info.checkpoints.items()]
+    if getattr(row, "loras", ()):  # the sheet's `loras` cell (name:scale;...), escaped by _table
+        params.append(("LoRAs", ";".join(f"{name}:{float(scale):g}" for name, scale in row.loras)))
     return params
 
 

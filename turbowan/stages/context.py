@@ -75,6 +75,15 @@ class ModelCache:
         log.info("model %s leaves memory to make room", key[0] if isinstance(key, tuple) else key)
         release(device)
 
+    def evict_where(self, leaves: Callable[[Hashable], bool], device) -> None:
+        """Every model whose key `leaves(key)` says leaves (e.g. another LoRA merge of one expert)."""
+        gone = [k for k in self._models if leaves(k)]
+        for key in gone:
+            log.info("model %s leaves memory (another variant of it is wanted)", key[0] if isinstance(key, tuple) else key)
+            del self._models[key]
+        if gone:
+            release(device)
+
     def evict_all_but(self, keep: Hashable | None, device) -> None:
         """Make room after running out of memory: every model but `keep` leaves."""
         for key in [k for k in self._models if k != keep]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -46,16 +46,23 @@ def vae(ctx: StageContext, path: str, device: torch.device, vae_dtype: str):
 
 
 def expert(ctx: StageContext, path: str, device: torch.device, dtype: str, attention: str, sla_topk: float,
-           activation_slices: int | str, compile: bool | str):
-    """A DiT expert as its job asked for it (attention, slices and compile are part of the key)."""
+           activation_slices: int | str, compile: bool | str, loras: Sequence[tuple[str, float]] = ()):
+    """A DiT expert as its job asked for it (attention, slices and compile are part of the key), with
+    `loras` ((file, scale), scale 0 left out) merged into its weights. The key holds each LoRA file's
+    identity and scale, so a row never gets another row's merge; and one merge of an expert stays
+    resident at a time: loading another (or the plain expert) first drops the others."""
     options = dict(attention=attention, sla_topk=float(sla_topk), compile=compile_wanted(compile, device),
                    activation_slices=activation_slices)
+    loras = [(lora, float(scale)) for lora, scale in loras if float(scale) != 0]
 
     def load():
         with phase("load expert"):
-            return load_transformer(path, device, resolve_dtype(dtype), **options)
+            return load_transformer(path, device, resolve_dtype(dtype), **options, loras=loras)
 
-    key = ("expert", *file_key(path), dtype, str(device), *sorted(options.items()))
+    plain = ("expert", *file_key(path), dtype, str(device), *sorted(options.items()))
+    key = (*plain, ("loras", tuple((*file_key(lora), scale) for lora, scale in loras))) if loras else plain
+    # (a plain key is a prefix of its merges' keys)
+    ctx.models.evict_where(lambda k: k != key and isinstance(k, tuple) and k[: len(plain)] == plain, device)
     return ctx.models.get(key, load, device, os.path.getsize(path))
 
 

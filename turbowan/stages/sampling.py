@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ..files.artifacts import ArtifactError, check_made_from, load_artifact, save_artifact
+from ..files.loras import lora_digest
 from ..progress import phase
 from ..wan.compiled import compile_wanted
 from ..wan.devices import resolve_device, resolve_dtype
@@ -32,6 +33,14 @@ def sampling_values(sampling: Mapping[str, Any]) -> dict[str, Any]:
     return {"seed": int(sampling["seed"]), "num_steps": int(sampling["num_steps"]),
             "sigma_max": float(sampling["sigma_max"]), "boundary": float(sampling["boundary"]),
             "ode": bool(sampling["ode"])}
+
+
+def lora_values(sampling: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The row's LoRAs for this stage's expert, in merge order: [{name, file, scale}] (scale 0 left
+    out: it merges nothing). rules/common.smk puts them in `sampling` only for rows that have some,
+    so the parameters of a row without LoRAs are what they always were."""
+    return [{"name": str(lora["name"]), "file": str(lora["file"]), "scale": float(lora["scale"])}
+            for lora in sampling.get("loras", ()) if float(lora["scale"]) != 0]
 
 
 def _conditions(text: str, cond: str, video: dict[str, int], device: torch.device):
@@ -56,17 +65,22 @@ class _Expert:
     """One expert as a job configured it: loads through the context's cache on first use."""
 
     def __init__(self, ctx: StageContext, path: str, device: torch.device, dtype: str, attention: str,
-                 sla_topk: float, activation_slices: int | str, compile: bool | str):
+                 sla_topk: float, activation_slices: int | str, compile: bool | str,
+                 loras: list[dict[str, Any]] | None = None):
         self.ctx, self.path, self.device, self.dtype = ctx, path, device, dtype
         self.options = (attention, sla_topk, activation_slices, compile)
-        # what the artifact records of the expert's set-up
+        self.loras = [(lora["file"], lora["scale"]) for lora in loras or ()]
+        # what the artifact records of the expert's set-up (and of its LoRAs, when it has any: their
+        # files' digests and scales)
         self.params = {"attention": attention, "sla_topk": float(sla_topk), "compile": compile_wanted(compile, device),
                        "dtype": dtype, "device_type": device.type}
+        if loras:
+            self.params["loras"] = [{**lora, "sha256": lora_digest(lora["file"])} for lora in loras]
 
     def run(self, name: str, state: SamplerState, t: torch.Tensor, stop: int, ode: bool, text: str,
             text_emb: torch.Tensor, y: torch.Tensor) -> SamplerState:
         """Steps state.next_step .. stop-1 of one row."""
-        model = loading.expert(self.ctx, self.path, self.device, self.dtype, *self.options)
+        model = loading.expert(self.ctx, self.path, self.device, self.dtype, *self.options, loras=self.loras)
         if model.kernels_fallback:  # (the summary looks for this line in every row's log)
             log.warning("kernels: plain-torch fallback on cuda (%s)", model.kernels_fallback)
         _check_text_width(model, text_emb, text, self.path)
@@ -81,8 +95,9 @@ def sample_high(text: str, cond: str, expert: str, out: str, sampling: Mapping[s
     """Start a row's sampling and run its high-noise steps; save x, the generator and the next step."""
     ctx = StageContext() if ctx is None else ctx
     dev = resolve_device(device)
+    loras = lora_values(sampling)
     sampling, video = sampling_values(sampling), video_values(video)
-    high = _Expert(ctx, expert, dev, dtype, attention, sla_topk, activation_slices, compile)
+    high = _Expert(ctx, expert, dev, dtype, attention, sla_topk, activation_slices, compile, loras)
     t = rcm_timesteps(sampling["num_steps"], sampling["sigma_max"])
     n_high = num_high_steps(t, sampling["boundary"])
     text_emb, y = _conditions(text, cond, video, dev)
@@ -111,8 +126,9 @@ def sample_low(text: str, cond: str, boundary: str, expert: str, out: str,
     """Restore the state sample_high saved and run the remaining (low-noise) steps."""
     ctx = StageContext() if ctx is None else ctx
     dev = resolve_device(device)
+    loras = lora_values(sampling)
     sampling, video = sampling_values(sampling), video_values(video)
-    low = _Expert(ctx, expert, dev, dtype, attention, sla_topk, activation_slices, compile)
+    low = _Expert(ctx, expert, dev, dtype, attention, sla_topk, activation_slices, compile, loras)
     saved, record = load_artifact(
         boundary, "sample_high",
         {"x": (latent_shape(**video), torch.float64), "generator_state": ((None,), torch.uint8),

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from accelerate import init_empty_weights
@@ -35,6 +35,7 @@ from ..files.formats import (
 )
 from .compiled import compile_blocks
 from .int8 import swap_in_int8_linears
+from .lora import merge_loras
 from ..files.safetensors_io import SafetensorsFile, SafetensorsFormatError
 from .slicing import activation_slices_for, slice_activations
 from .keymaps import SLA_MODULE, dit_rename_table, t5_key_to_hf, vae_rename_table
@@ -187,6 +188,7 @@ def load_transformer(
     kernels: bool = True,
     activation_slices: int | str = "auto",
     compile: bool = False,
+    loras: Sequence[tuple[str, float]] = (),
 ):
     """A Wan2.2 expert (bf16 or int8, with or without SLA weights) as diffusers' WanTransformer3DModel.
 
@@ -194,6 +196,8 @@ def load_transformer(
     weights and float32 scales (turbowan.wan.int8). `attention`: auto | sla | sagesla | sdpa
     (turbowan.wan.attention). kernels=False: plain-torch SLA and int8 even on a GPU with turbodiffusion
     (for comparisons). activation_slices: see activation_slices_for. compile: see turbowan.wan.compiled.
+    loras: (LoRA file, scale) pairs merged into the weights as they load, in this order
+    (turbowan.wan.lora; int8 layers are requantised).
     """
     path = Path(path)
     started = announce_load(log, "expert", path, device)
@@ -226,6 +230,8 @@ def load_transformer(
         state = streamed()
     if mode == "sdpa":
         state = {k: v for k, v in state.items() if f".{SLA_MODULE}." not in k}
+    if loras:
+        merge_loras(state, loras, path, int8_set)
     _assign(model, state, path)
     slices = activation_slices_for(activation_slices, device)
     slice_activations(model, slices)
