@@ -37,17 +37,10 @@ def artifact_problem(path: Path, stage: str) -> str | None:
     return None if written_by == stage else f"was written by stage {written_by!r}, not {stage}"
 
 
-def frames_problem(folder: Path, row) -> str | None:
+def file_problem(check, path: Path, row) -> str | None:
+    """Why a row's frames folder or video fails `check` (check_frames, check_mp4), or None."""
     try:
-        check_frames(folder, row.num_frames, row.width, row.height)
-    except VideoError as err:
-        return str(err).removeprefix(f"{folder}: ")
-    return None
-
-
-def video_problem(path: Path, row) -> str | None:
-    try:
-        check_mp4(path, row.num_frames, row.width, row.height)
+        check(path, row.num_frames, row.width, row.height)
     except VideoError as err:
         return str(err).removeprefix(f"{path}: ")
     return None
@@ -66,8 +59,8 @@ def find_damage(results: str | Path, rows: Iterable) -> list[Damage]:
             checks.append((Path(layout.text(row.prompt_key)), lambda p: artifact_problem(p, "encode_prompt")))
         for stage in ("encode_image", "sample_high", "sample_low"):
             checks.append((Path(layout.artifact(stage, row.id)), lambda p, s=stage: artifact_problem(p, s)))
-        checks.append((Path(layout.frames(row.id)), lambda p, r=row: frames_problem(p, r)))
-        checks.append((Path(layout.video(row.id)), lambda p, r=row: video_problem(p, r)))
+        checks.append((Path(layout.frames(row.id)), lambda p, r=row: file_problem(check_frames, p, r)))
+        checks.append((Path(layout.video(row.id)), lambda p, r=row: file_problem(check_mp4, p, r)))
         for path, problem_of in checks:
             if path.exists():
                 problem = problem_of(path)

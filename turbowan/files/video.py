@@ -86,15 +86,21 @@ def check_frames(folder: str | Path, expected_count: int, width: int, height: in
     return wanted
 
 
-def check_png(path: str | Path, width: int, height: int) -> None:
-    """One frame: a complete RGB PNG of width x height, else VideoError naming it."""
-    path = Path(path)
+def _size(path: Path) -> int:
+    """The file's size; VideoError when it cannot be read or is empty."""
     try:
         size = path.stat().st_size
     except OSError as err:
         raise VideoError(f"{path}: cannot be read ({err})") from err
     if size == 0:
         raise VideoError(f"{path}: empty (0 bytes)")
+    return size
+
+
+def check_png(path: str | Path, width: int, height: int) -> None:
+    """One frame: a complete RGB PNG of width x height, else VideoError naming it."""
+    path = Path(path)
+    _size(path)
     try:
         with Image.open(path, formats=["PNG"]) as image:
             if image.size != (width, height) or image.mode != "RGB":
@@ -157,12 +163,7 @@ def check_mp4(path: str | Path, frames: int, width: int, height: int) -> None:
     """A finished video: readable by ffmpeg, `frames` frames of width x height, and as long as its
     index says (a cut or garbage file fails). Reads the packets, decodes nothing; VideoError naming it."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise VideoError(f"{path}: cannot be read ({err})") from err
-    if size == 0:
-        raise VideoError(f"{path}: empty (0 bytes)")
+    size = _size(path)
     problem = _mp4_boxes_problem(path, size)
     if problem:
         raise VideoError(f"{path}: {problem}")

@@ -6,8 +6,6 @@ import logging
 from typing import Any, Mapping
 
 from ..files.artifacts import save_artifact
-from ..progress import phase
-from ..wan.devices import resolve_device
 from ..wan.image import open_rgb, preprocess
 from ..wan.sizes import video_values
 from ..wan.vae import encode_condition
@@ -18,16 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def encode_image(image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto",
-                 vae_dtype: str = "auto", frugal: bool = False,
-        *, ctx: StageContext | None = None) -> None:
+                 vae_dtype: str = "auto", frugal: bool = False, *, ctx: StageContext | None = None) -> None:
     ctx = StageContext() if ctx is None else ctx
-    dev = resolve_device(device)
     video = video_values(video)
     pixels = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
-    with phase("VAE encode"):
-        y = loading.run_vae(ctx, vae, dev, vae_dtype, video["width"], video["height"], frugal,
-                            lambda m: encode_condition(m, pixels, video["num_frames"]))
+    y, params = loading.run_vae(ctx, vae, device, vae_dtype, video, frugal, "VAE encode",
+                                lambda m: encode_condition(m, pixels, video["num_frames"]))
     log.info("image %s -> y %s", image, list(y.shape))
     ctx.check()
-    params = {**video, "vae_dtype": vae_dtype, "device_type": dev.type}
     save_artifact(out, {"y": y}, stage="encode_image", params=params, inputs={"image": image, "vae": vae})

@@ -10,8 +10,6 @@ import torch
 
 from ..files.artifacts import ArtifactError, fingerprint, load_artifact
 from ..files.video import save_frames
-from ..progress import phase
-from ..wan.devices import resolve_device
 from ..wan.sizes import latent_shape, video_values
 from ..wan.vae import decode_frames
 from . import loading
@@ -21,20 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def decode(latent: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto",
-           vae_dtype: str = "auto", frugal: bool = False,
-        *, ctx: StageContext | None = None) -> None:
+           vae_dtype: str = "auto", frugal: bool = False, *, ctx: StageContext | None = None) -> None:
     ctx = StageContext() if ctx is None else ctx
-    dev = resolve_device(device)
     video = video_values(video)
     saved, _ = load_artifact(latent, "sample_low", {"x": (latent_shape(**video), torch.float64)}, params=video)
-    with phase("VAE decode"):
-        frames = loading.run_vae(ctx, vae, dev, vae_dtype, video["width"], video["height"], frugal,
-                                 lambda m: decode_frames(m, saved["x"]))  # uint8 [F, H, W, 3]
+    frames, params = loading.run_vae(ctx, vae, device, vae_dtype, video, frugal, "VAE decode",
+                                     lambda m: decode_frames(m, saved["x"]))  # uint8 [F, H, W, 3]
     expected = (video["num_frames"], video["height"], video["width"], 3)
     if tuple(frames.shape) != expected:
         raise ArtifactError(f"{latent}: decoded to {list(frames.shape)}, expected {list(expected)}")
     ctx.check()
     started = time.perf_counter()
-    params = {**video, "vae_dtype": vae_dtype, "device_type": dev.type}
     save_frames(frames, out, {"latent": fingerprint(latent), "vae": fingerprint(vae), "params": params})
     log.info("write frames: %.2f s", time.perf_counter() - started)

@@ -10,7 +10,7 @@ import torch
 
 from ..progress import phase
 from ..wan.compiled import compile_wanted
-from ..wan.devices import resolve_dtype
+from ..wan.devices import resolve_device, resolve_dtype
 from ..wan.models import load_text_encoder, load_tokenizer, load_transformer, load_vae
 from .context import StageContext, file_key
 
@@ -76,21 +76,25 @@ def tiling_wanted(device: torch.device, width: int, height: int, frugal: bool) -
     return VAE_BYTES_PER_PIXEL * width * height > 0.5 * total
 
 
-def run_vae(ctx: StageContext, path: str, device: torch.device, vae_dtype: str, width: int, height: int,
-            frugal: bool, work: Callable[[Any], Any]):
-    """work(vae) with the row's VAE, tiled when memory needs it; after running out of GPU memory,
-    once more with tiling and with every other resident model out of the way."""
-    model, key = vae(ctx, path, device, vae_dtype)
-    tiled = tiling_wanted(device, width, height, frugal)
+def run_vae(ctx: StageContext, path: str, device: str, vae_dtype: str, video: dict[str, int], frugal: bool,
+            what: str, work: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+    """(work(vae), the parameters the row's artifact records): the row's VAE stage, timed as `what`,
+    tiled when memory needs it; after running out of GPU memory, once more with tiling and every
+    other resident model out of the way."""
+    dev = resolve_device(device)
+    model, key = vae(ctx, path, dev, vae_dtype)
+    params = {**video, "vae_dtype": vae_dtype, "device_type": dev.type}
+    tiled = tiling_wanted(dev, video["width"], video["height"], frugal)
     (model.enable_tiling if tiled else model.disable_tiling)()
     if tiled:
         log.info("VAE tiling on (%s)", "a retry, to use less memory" if frugal else "the frame size needs it")
-    try:
-        return work(model)
-    except torch.OutOfMemoryError:
-        if tiled:
-            raise
-        log.warning("out of GPU memory; once more with VAE tiling on and other models unloaded")
-    ctx.models.evict_all_but(key, device)
-    model.enable_tiling()
-    return work(model)
+    with phase(what):
+        try:
+            return work(model), params
+        except torch.OutOfMemoryError:
+            if tiled:
+                raise
+            log.warning("out of GPU memory; once more with VAE tiling on and other models unloaded")
+        ctx.models.evict_all_but(key, dev)
+        model.enable_tiling()
+        return work(model), params
