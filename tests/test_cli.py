@@ -113,3 +113,27 @@ def test_status_with_a_minimal_configfile_merges_it_over_the_defaults(tmp_path, 
     assert "row1" in capsys.readouterr().out and (tmp_path / "out" / "summary.csv").is_file()
     assert main(["check", "--configfile", "my.yaml"]) == 0
     assert "no damaged artifact among 1 rows" in capsys.readouterr().out
+
+
+def test_status_and_check_name_every_config_and_sheet_problem_without_a_traceback(tmp_path, capsys, monkeypatch):
+    write_image(tmp_path / "a.png", 40, 30)
+    (tmp_path / "sheet.csv").write_text("id,image,prompt\nrow1,a.png,a boat\nrow2,b.png,x\n", encoding="utf-8")
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(
+        {"sheet": "sheet.csv", "results": "out", "wave_row": 2, "defaults": {"num_steps": 9}}))
+    monkeypatch.chdir(tmp_path)
+    for command in ("status", "check"):
+        assert main([command, "--configfile", "my.yaml"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"turbowan {command}: config: 2 problem(s); nothing was run:",
+                                    "  - wave_row: unknown key (did you mean 'wave_rows'?)",
+                                    "  - defaults.num_steps: 9 is greater than the maximum of 4"]
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({"sheet": "sheet.csv", "results": "out"}))
+    assert main(["status", "--configfile", "my.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "turbowan status: sheet.csv: 1 problem(s) in the sheet" in err and "Traceback" not in err
+    assert "row 2 (line 3, id 'row2'), column 'image': 'b.png' does not exist" in err
+    (tmp_path / "my.yaml").write_text("sheet: [")
+    assert main(["status", "--configfile", "my.yaml"]) == 2
+    assert "my.yaml: not valid YAML" in capsys.readouterr().err

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from turbowan.sheet import SheetError, check_defaults, load_schema, read_rows
+from turbowan.sheet import (COLUMNS, SheetError, check_defaults, load_schema, long_prompt_warnings, prompt_token_counts,
+                            read_rows)
 
 from .conftest import REPO, write_image
 
@@ -95,7 +96,7 @@ def test_each_bad_cell_is_named(sheet_dir, line, column, message):
 def test_every_problem_is_reported_at_once(sheet_dir):
     found = problems(sheet_dir, HEADER + "a,img/a.png,x\na,img/a.png,y\nb,img/nope.png,\nc,img/a.png,z,,10\n")
     assert len(found) == 4
-    assert "row 2 (line 3, id 'a'), column 'id': duplicate id; row 1 has it already" in found[0]
+    assert "row 2 (line 3, id 'a'), column 'id': duplicate id; row 1 (line 2) has it already" in found[0]
     assert any("row 3 (line 4, id 'b'), column 'image'" in p for p in found)
     assert any("row 3 (line 4, id 'b'), column 'prompt'" in p for p in found)
     assert any("row 4 (line 5, id 'c'), column 'num_frames'" in p for p in found)
@@ -116,6 +117,51 @@ def test_unknown_and_missing_columns(sheet_dir):
     found = problems(sheet_dir, "id,image,sede\na,img/a.png,1\n")
     assert any("unknown column(s) 'sede'" in p for p in found)
     assert any("missing required column(s): prompt" in p for p in found)
+
+
+def test_a_missing_column_hides_no_rows_problem_and_is_named_once(sheet_dir):
+    found = problems(sheet_dir, "id,image,sede\na,img/a.png,1\nb,img/nope.png,2\na,img/a.png,3\n")
+    assert found[:2] == ["unknown column(s) 'sede'; known columns: " + ", ".join(COLUMNS),
+                         "missing required column(s): prompt"]
+    assert found[2:] == ["row 2 (line 3, id 'b'), column 'image': 'img/nope.png' does not exist "
+                         f"(looked for {sheet_dir / 'img' / 'nope.png'})",
+                         "row 3 (line 4, id 'a'), column 'id': duplicate id; row 1 (line 2) has it already"]
+
+
+def test_lines_are_counted_by_the_csv_reader(sheet_dir):
+    """Quoted prompts over several lines (LF and CRLF), blank and whitespace-only lines: each row's
+    line is the one it starts on, in the problems and on the rows."""
+    text = ('id,image,prompt\r\n'
+            'a,img/a.png,"one\r\ntwo\r\nthree"\r\n'
+            '\r\n'
+            '   \r\n'
+            'b,img/a.png,"x\n\ny"\n'
+            '\t\n'
+            'c,img/nope.png,z\n')
+    found = problems(sheet_dir, text)
+    assert found == [f"row 3 (line 11, id 'c'), column 'image': 'img/nope.png' does not exist "
+                     f"(looked for {sheet_dir / 'img' / 'nope.png'})"]
+    a, b = read(sheet_dir, text.replace("nope", "a"))[:2]
+    assert (a.line, b.line) == (2, 7) and a.prompt == "one\r\ntwo\r\nthree" and b.prompt == "x\n\ny"
+
+
+def test_a_row_with_more_cells_than_columns_is_named(sheet_dir):
+    """An unquoted comma in a prompt: the row is named, not read with its cells shifted."""
+    found = problems(sheet_dir, 'id,image,prompt\na,img/a.png,"a cat, a dog"\nb,img/a.png,a cat, a dog\n')
+    assert found == ["row 2 (line 3, id 'b'): 4 cells, but the header names 3 columns "
+                     '(a cell that holds a comma must be in double quotes: "a, b")']
+
+
+@pytest.mark.parametrize("text, message", [
+    ('id,image,prompt\na,img/a.png,"open\nb,img/a.png,x\n',
+     "cannot be read as a CSV file: line 2: a quoted cell that starts on this line is never closed"),
+    ('id,image,prompt\na,img/a.png,"say "hi" now"\n', "cannot be read as a CSV file: line 2: "),
+    ("", "the sheet is empty; its first line names the columns: id, image, prompt"),
+    ("id,image,prompt,seed,seed,\na,img/a.png,x,1,2,\n", "column(s) 'seed' appear more than once in the header"),
+    ("id,image,prompt,\na,img/a.png,x,\n", "header cell(s) 4 name no column (a trailing comma?)"),
+])
+def test_sheet_level_problems(sheet_dir, text, message):
+    assert any(message in p for p in problems(sheet_dir, text))
 
 
 def test_empty_sheet_and_missing_file(sheet_dir):
@@ -163,3 +209,39 @@ def test_decompression_bomb_is_refused(sheet_dir):
     Image.new("1", (9000, 9000)).save(sheet_dir / "img" / "bomb.png")
     found = problems(sheet_dir, "id,image,prompt\nb,img/bomb.png,x\n")
     assert "column 'image'" in found[0] and "pixel" in found[0]
+
+
+# ------------------------------------------------------------------ prompt length (umT5 reads 512 tokens)
+
+
+def test_prompt_token_counts_count_as_the_text_stage_tokenizes(demo_models):
+    """The same count as the transformers tokenizer the text stage uses, on the cleaned prompt, with
+    EOS and without umT5's cut at 512; {} while the tokenizer folder has no tokenizer.json."""
+    from turbowan.wan.models import load_tokenizer
+    from turbowan.wan.text import clean_prompt, tokenize
+
+    tokenizer = load_tokenizer(demo_models["tokenizer"])
+    prompts = {"short": "a cat  walks\n\n in the   rain &amp;amp; snow", "empty": " ", "long": "a red car " * 300}
+    counts = prompt_token_counts(prompts, demo_models["tokenizer"])
+    assert set(counts) == set(prompts)
+    for key in ("short", "empty"):
+        assert counts[key] == int(tokenize(tokenizer, prompts[key])[1].sum())  # what umT5 gets
+    assert counts["long"] == len(tokenizer(clean_prompt(prompts["long"]), truncation=False)["input_ids"]) > 900
+    assert int(tokenize(tokenizer, prompts["long"])[1].sum()) == 512  # the cut the count tells of
+    assert counts["empty"] == 1  # EOS
+    assert prompt_token_counts(prompts, demo_models["tokenizer"] + "-not-made-yet") == {}
+
+
+def test_long_prompts_are_named_with_their_row_line_and_tokens(sheet_dir, demo_models):
+    long = "a red car " * 200
+    text = f'id,image,prompt\nshort,img/a.png,a cat\nboat,img/a.png,"{long}"\nboat2,img/a.png,"{long}"\n'
+    rows = read(sheet_dir, text)
+    counts = prompt_token_counts({row.prompt_key: row.prompt for row in rows}, demo_models["tokenizer"])
+    tokens = counts[rows[1].prompt_key]
+    assert 512 < tokens and len(counts) == 2
+    assert long_prompt_warnings(rows, counts) == [
+        f"row 'boat' (line 3): its prompt has {tokens} tokens; umT5 reads the first 512, the rest is ignored",
+        f"row 'boat2' (line 4): its prompt has {tokens} tokens; umT5 reads the first 512, the rest is ignored",
+    ]
+    assert long_prompt_warnings(rows, counts, limit=tokens) == []
+    assert long_prompt_warnings(rows, {}) == []  # no tokenizer yet: nothing to say

@@ -26,15 +26,14 @@ WORKFLOW = Path(__file__).resolve().parent.parent  # the checkout: Snakefile, co
 
 def merged_config(configfile: str | None) -> dict:
     """config/config.yaml with `configfile` merged over it key by key, as Snakemake merges a
-    --configfile over the workflow's own config (so a my.yaml may hold only what differs)."""
-    import yaml
+    --configfile over the workflow's own config (so a my.yaml may hold only what differs), checked
+    and with the schema's defaults filled in, as the workflow checks it (ConfigError: every problem).
+    Relative paths in it are relative to the current folder, as in a run from the workflow's folder."""
+    from .settings import check_config, load_configfile, merge_config
 
-    def merge(base: dict, over: dict) -> dict:
-        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                           for k, v in over.items()}}
-
-    config = yaml.safe_load((WORKFLOW / "config" / "config.yaml").read_text())
-    return merge(config, yaml.safe_load(Path(configfile).read_text()) or {}) if configfile else config
+    config = merge_config(load_configfile(configfile) if configfile else {}, WORKFLOW / "config" / "config.yaml")
+    check_config(config, WORKFLOW / "config" / "schemas" / "config.schema.yaml")
+    return config
 
 
 def _rows_from_config(configfile: str | None):
@@ -145,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p_inspect.add_argument("artifacts", nargs="+", help="safetensors files")
     p_inspect.set_defaults(func=inspect)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .settings import ConfigError
+    from .sheet import SheetError
+
+    try:
+        return args.func(args)
+    except (ConfigError, SheetError) as err:  # the user's config or sheet: every problem, no traceback
+        print(f"turbowan {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The prompt sheet: read it, fill in defaults, check every row, and report every problem at once.
 
-A row's problems are found before any job runs, each named by row number, id and column, so a
-typo in row 412 does not surface hours into a batch.
+A row's problems are found before any job runs, each named by row number (data rows: row 1 is the
+first under the header), the CSV line the row starts on, id and column, so a typo in row 412 does
+not surface hours into a batch. A prompt longer than umT5 reads is named too (long_prompt_warnings).
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jsonschema
-import pandas as pd
 import yaml
 
 from .files.prompts import prompt_key
 from .layout import id_problem
 from .loras import parse_loras_cell
 from .wan.image import ImageError, image_size, open_rgb
-from .wan.sizes import PRESETS, choose_size, frames_ok, size_problem
+from .wan.prompts import TEXT_LEN, token_counts
+from .wan.sizes import choose_size, frames_ok, size_problem
 
 REQUIRED = ("id", "image", "prompt")
 INTEGER = ("seed", "num_frames", "width", "height", "num_steps")
@@ -129,38 +130,48 @@ def read_rows(
     path = Path(path)
     if not path.is_file():
         raise SheetError(path, ["the sheet file does not exist"])
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise SheetError(path, [f"cannot be read as a UTF-8 CSV file ({err})"]) from err
-    table.columns = [c.strip() for c in table.columns]
+    header, records = read_table(path)
 
+    # Problems of the sheet as a whole come first; they hide none of the rows' problems.
     problems: list[str] = []
-    unknown = [c for c in table.columns if c not in COLUMNS]
-    if unknown:  # reported with the rows' problems: an unknown column hides none of them
+    unnamed = [number for number, name in enumerate(header, start=1) if not name]
+    if unnamed:
+        problems.append(f"header cell(s) {', '.join(map(str, unnamed))} name no column (a trailing comma?)")
+    unknown = [c for c in header if c and c not in COLUMNS]
+    if unknown:
         problems.append(f"unknown column(s) {', '.join(map(repr, unknown))}; known columns: {', '.join(COLUMNS)}")
-    missing = [c for c in REQUIRED if c not in table.columns]
+    twice = sorted({c for c in header if c and header.count(c) > 1}, key=header.index)
+    if twice:
+        problems.append(f"column(s) {', '.join(map(repr, twice))} appear more than once in the header")
+    missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise SheetError(path, problems + [f"missing required column(s): {', '.join(missing)}"])
-    if table.empty:
+        problems.append(f"missing required column(s): {', '.join(missing)}")
+    if not records:
         raise SheetError(path, problems + ["the sheet has no rows"])
-    lines = record_lines(path)
 
     validator = jsonschema.Draft202012Validator(schema)
     rows: list[Row] = []
-    seen: dict[str, int] = {}
-    for index, cells in enumerate(table.to_dict("records"), start=1):
+    seen: dict[str, tuple[int, int]] = {}  # id -> (row, line)
+    for index, (line, record) in enumerate(records, start=1):
+        cells: dict[str, str] = {}
+        for name, text in zip(header, record):
+            cells.setdefault(name, text)  # (a column named twice: its first cell)
         row_id = cells.get("id", "").strip()
-        line = lines[index] if index < len(lines) else 0
-        at = f"line {line}, " if line else ""
-        where = f"row {index} ({at}id {row_id!r})" if row_id else f"row {index}" + (f" (line {line})" if line else "")
+        where = f"row {index} (line {line}, id {row_id!r})" if row_id else f"row {index} (line {line})"
+        if len(record) > len(header):
+            problems.append(f"{where}: {len(record)} cells, but the header names {len(header)} columns "
+                            '(a cell that holds a comma must be in double quotes: "a, b")')
+            continue
         row_problems: list[tuple[str, str]] = []  # (column, message)
 
         def problem(column: str, message: str) -> None:
-            row_problems.append((column, message))
+            if column not in missing:  # a missing column is named once, above
+                row_problems.append((column, message))
 
         values: dict[str, Any] = {}
         for column in COLUMNS:
+            if column in missing:
+                continue
             text = cells.get(column, "")
             if column not in REQUIRED:
                 text = text.strip()
@@ -187,8 +198,8 @@ def read_rows(
             if reason := id_problem(row_id):
                 problem("id", reason)
             elif row_id in seen:
-                problem("id", f"duplicate id; row {seen[row_id]} has it already")
-            seen.setdefault(row_id, index)
+                problem("id", "duplicate id; row {} (line {}) has it already".format(*seen[row_id]))
+            seen.setdefault(row_id, (index, line))
         if "prompt" not in bad and not str(values.get("prompt", "")).strip():
             problem("prompt", "is empty")
         if "num_frames" not in bad and "num_frames" in values and not frames_ok(values["num_frames"]):
@@ -220,6 +231,8 @@ def read_rows(
         if row_problems:
             problems.extend(f"{where}, column '{column}': {message}" for column, message in row_problems)
             continue
+        if missing:  # (the row's other cells are checked; it cannot be a row without these)
+            continue
         width, height = choose_size(
             values["resolution"], values["aspect_ratio"], bool(values.get("adaptive")),
             values.get("width"), values.get("height"), size,
@@ -239,17 +252,52 @@ def read_rows(
     return rows
 
 
-def record_lines(path: str | Path) -> list[int]:
-    """The CSV line each record starts on: [header's, row 1's, row 2's, ...] (quoted prompts may span
-    lines, and blank lines are skipped, as pandas skips them)."""
-    starts, line = [], 1
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        for record in reader:
-            if record:
-                starts.append(line)
-            line = reader.line_num + 1
-    return starts
+def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The sheet's header (names stripped) and its records, each with the CSV line it starts on
+    (line 1 is the header's; a quoted prompt may span lines). Lines that are empty or only spaces
+    and tabs are skipped. SheetError when the file is not UTF-8 or not CSV."""
+    records: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            for record in reader:
+                if record and not (len(record) == 1 and not record[0].strip(" \t")):
+                    records.append((start, record))
+                start = reader.line_num + 1
+    except UnicodeDecodeError as err:
+        raise SheetError(path, [f"cannot be read as a UTF-8 CSV file ({err})"]) from err
+    except csv.Error as err:
+        if "end of data" in str(err):
+            reason = f"line {start}: a quoted cell that starts on this line is never closed (a missing \")"
+        else:
+            reason = (f"line {reader.line_num}: {err} (inside a quoted cell, write a double quote twice: "
+                      '"a ""word"" here")')
+        raise SheetError(path, [f"cannot be read as a CSV file: {reason}"]) from err
+    if not records:
+        raise SheetError(path, [f"the sheet is empty; its first line names the columns: {', '.join(REQUIRED)}, ..."])
+    return [name.strip() for name in records[0][1]], records[1:]
+
+
+def prompt_token_counts(prompts: Mapping[str, str], tokenizer_dir: str | Path) -> dict[str, int]:
+    """{key: how many tokens umT5 gets from the prompt}: cleaned as the text stage cleans it, EOS
+    included, never cut (turbowan.wan.prompts). Reads `tokenizer.json` of the folder with the
+    `tokenizers` library only (fast, no transformers); {} while the folder has none (the demo's
+    tokenizer is made by a rule)."""
+    return token_counts(prompts, tokenizer_dir)
+
+
+def long_prompt_warnings(rows: Iterable[Row], counts: Mapping[str, int], limit: int = TEXT_LEN) -> list[str]:
+    """A line for each row whose prompt has more than `limit` tokens; `counts` is
+    prompt_token_counts({row.prompt_key: row.prompt for row in rows}, tokenizer_dir)."""
+    warnings = []
+    for row in rows:
+        tokens = counts.get(row.prompt_key)
+        if tokens is not None and tokens > limit:
+            at = f" (line {row.line})" if row.line else ""
+            warnings.append(f"row {row.id!r}{at}: its prompt has {tokens} tokens; "
+                            f"umT5 reads the first {limit}, the rest is ignored")
+    return warnings
 
 
 def check_defaults(defaults: Mapping[str, Any], where: str = "config") -> None:
