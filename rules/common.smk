@@ -15,8 +15,9 @@ from turbowan.files.formats import CheckpointError  # noqa: E402
 from turbowan.files.modelfiles import plan_models  # noqa: E402
 from turbowan.layout import Layout  # noqa: E402
 from turbowan.loras import grouped_positions, plan_loras  # noqa: E402
-from turbowan.wan.prompts import TEXT_LEN, token_counts  # noqa: E402
-from turbowan.sheet import SheetError, load_schema, read_rows  # noqa: E402
+from turbowan.sheet import (  # noqa: E402
+    SheetError, load_schema, long_prompt_warnings, prompt_token_counts, read_rows,
+)
 
 LAYOUT = Layout(config["results"])
 
@@ -142,11 +143,8 @@ MODEL_INPUTS = MODEL_PLAN.inputs
 # umT5 reads at most 512 tokens: say which rows' prompts are longer before any job runs (once the
 # tokenizer is there; the demo's is made by a rule).
 if workflow.is_main_process:
-    _tokens = token_counts(PROMPTS, MODEL_INPUTS["tokenizer"])
-    for _row in ROWS.values():
-        if _tokens.get(_row.prompt_key, 0) > TEXT_LEN:
-            logger.warning(f"row {_row.id!r} (line {_row.line}): its prompt has {_tokens[_row.prompt_key]} tokens; "
-                           f"umT5 reads the first {TEXT_LEN}, the rest is ignored")
+    for _warning in long_prompt_warnings(ROWS.values(), prompt_token_counts(PROMPTS, MODEL_INPUTS["tokenizer"])):
+        logger.warning(_warning)
 
 
 # LoRAs: the config's `loras` (name -> a file per expert), picked per row by the sheet's `loras`

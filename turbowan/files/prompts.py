@@ -11,18 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 
-import pandas as pd
-
 
 def prompt_key(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
 
 
 def read_prompt(sheet: str | os.PathLike, key: str) -> str:
-    """The prompt of `sheet` whose key is `key` (read as turbowan.sheet reads the sheet)."""
-    table = pd.read_csv(sheet, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    table.columns = [c.strip() for c in table.columns]
-    for prompt in table.get("prompt", []):
-        if prompt_key(prompt) == key:
-            return prompt
+    """The prompt of `sheet` whose key is `key`, read exactly as the workflow read the sheet."""
+    from ..sheet import read_table  # (the sheet's reader uses this module's prompt_key)
+
+    header, records = read_table(sheet)
+    column = header.index("prompt") if "prompt" in header else None
+    for _line, cells in records:
+        if column is not None and column < len(cells) and prompt_key(cells[column]) == key:
+            return cells[column]
     raise LookupError(f"{sheet}: no prompt has the key {key} any more (was the sheet edited during the run?)")
