@@ -474,3 +474,10 @@ def test_workflow_with_loras_reruns_only_the_row_whose_scale_changed(tmp_path):
     assert sorted(set(jobs)) == [("decode", "kite"), ("encode_video", "kite"), ("sample_high", "kite"),
                                  ("sample_low", "kite")]
     assert "sample_high" in jobs_run(out.stdout)
+    # a replaced LoRA file (new content) reruns the rows that use it (it is their input)
+    (folder / "sheet.csv").write_text(LORA_SHEET)
+    make_lora(folder / "resources/demo-models/demo_lora_high.safetensors", 99)
+    out = snakemake(folder, "-n")
+    jobs = re.findall(r"^rule (sample_high|sample_low):\n(?:    .*\n)*?    wildcards: id=(\S+)", out.stdout, re.M)
+    assert sorted(set(jobs)) == [("sample_high", "boat"), ("sample_high", "kite"), ("sample_low", "boat"),
+                                 ("sample_low", "kite")]
