@@ -143,11 +143,11 @@ def snakemake(folder: Path, *args, check=True, extra_env=None):
     return run_snakemake(folder, "--configfile", str(folder / "config.yaml"), *args, check=check, extra_env=extra_env)
 
 
-def file_ids(folder: Path) -> dict[str, int]:
-    """Which file every stage artifact and video is (its inode; not the pictures, summary and gallery).
-
-    A remade artifact is a new file (written beside and renamed into place)."""
-    return {str(p.relative_to(folder)): p.stat().st_ino
+def file_ids(folder: Path) -> dict[str, tuple[int, int]]:
+    """Which file every stage artifact and video is (not the pictures, summary and gallery): its inode
+    and mtime. A remade artifact is a new file, written beside and renamed into place; the inode alone
+    could be the old one's again (Snakemake deletes a job's old outputs before it runs)."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in (folder / "results").rglob("*") if p.is_file() and "logs" not in p.parts
             and "benchmarks" not in p.parts and "gallery" not in p.parts and p.suffix in (".safetensors", ".mp4")}
 

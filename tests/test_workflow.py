@@ -148,8 +148,8 @@ def test_bad_sheet_fails_before_any_job_and_creates_nothing(tmp_path):
     out = snakemake(folder, check=False)
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert "(id 'boat'), column 'id': duplicate id" in text
-    assert "(id 'boat'), column 'image'" in text and "column 'num_frames': 10 is not 4k+1" in text
+    assert "id 'boat'), column 'id': duplicate id" in text
+    assert "id 'boat'), column 'image'" in text and "column 'num_frames': 10 is not 4k+1" in text
     assert not (folder / "results").exists() and not (folder / "resources").exists()
 
 
