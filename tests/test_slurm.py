@@ -115,15 +115,7 @@ def test_rows_of_a_stage_share_a_slurm_job_and_a_cancel_loses_no_finished_row(tm
         assert (results / row / "latent.safetensors").is_file(), log1[-3000:]
     assert not (results / last / "latent.safetensors").exists()
 
-    # One SLURM job per model stage (3 rows, groups of up to 8), each asking for one GPU, none for the rest.
     run1 = [j for j in slurm_jobs(slurm_cluster) if j["id"] not in seen_before]
-    for rule in MODEL_RULES:
-        groups = [j for j in run1 if j["rules"] == [rule]]
-        assert len(groups) == 1, (rule, run1)
-        assert "gpu:1" in groups[0]["tres"] and "gpu:2" not in groups[0]["tres"], groups[0]
-    for job in run1:
-        if not set(job["rules"]) & set(MODEL_RULES):
-            assert "gpu" not in job["tres"], job
     # ... and one model load served each group: the worker the first row started served the others.
     for rule, what in (("encode_image", "loading VAE"), ("sample_high", "loading expert"), ("sample_low", "loading expert")):
         texts = [(results / "logs" / rule / f"{i}.log").read_text() for i in ids]
@@ -141,6 +133,15 @@ def test_rows_of_a_stage_share_a_slurm_job_and_a_cancel_loses_no_finished_row(tm
     run2 = [j for j in slurm_jobs(slurm_cluster) if j["id"] not in seen_before and j not in run1
             and j["id"] > max(job["id"] for job in run1)]
     assert not [j for j in run2 if set(j["rules"]) & {"encode_prompt", "encode_image", "sample_high"}], run2
+
+    # One SLURM job per model stage and run, the rows grouped (a group starts once all its rows can:
+    # decode ran only in run 2, sample_low in both), each asking for one GPU; none for the CPU jobs.
+    jobs = run1 + run2
+    counts = {rule: len([j for j in jobs if j["rules"] == [rule]]) for rule in MODEL_RULES}
+    assert counts == {"encode_prompt": 1, "encode_image": 1, "sample_high": 1, "sample_low": 2, "decode": 1}, jobs
+    for job in jobs:
+        gpu = bool(set(job["rules"]) & set(MODEL_RULES))
+        assert ("gpu:1" in job["tres"]) == gpu and "gpu:2" not in job["tres"], job
 
     # Nothing of ours outlives the SLURM jobs (proctrack/cgroup ends a job's processes with it).
     deadline = time.monotonic() + 60
