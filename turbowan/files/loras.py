@@ -103,18 +103,14 @@ def _layout_of(path: Path, keys: list[str]) -> tuple[str, dict[str, str]]:
         first = next(k for k in keys if k.startswith("lora_te"))
         raise LoraError(f"{path}: tensor {first} belongs to a text encoder LoRA; this pipeline applies LoRAs to "
                         "the DiT experts only")
-    comfy = {k: rest for k in keys if (rest := _strip(k, _COMFY_PREFIXES)) is not None}
-    if comfy:
-        if len(comfy) != len(keys):
-            first = next(k for k in keys if k not in comfy)
-            raise LoraError(f"{path}: mixes layouts: tensor {first} has no diffusion_model. prefix like the others")
-        return "comfyui", {f"diffusion_model.{rest}": k for k, rest in comfy.items()}
-    diffusers = {k: rest for k in keys if (rest := _strip(k, _DIFFUSERS_PREFIXES)) is not None}
-    if diffusers:
-        if len(diffusers) != len(keys):
-            first = next(k for k in keys if k not in diffusers)
-            raise LoraError(f"{path}: mixes layouts: tensor {first} has no transformer. prefix like the others")
-        return "diffusers", {f"transformer.{rest}": k for k, rest in diffusers.items()}
+    for layout, prefixes, prefix in (("comfyui", _COMFY_PREFIXES, "diffusion_model."),
+                                     ("diffusers", _DIFFUSERS_PREFIXES, "transformer.")):
+        found = {k: rest for k in keys if (rest := _strip(k, prefixes)) is not None}
+        if found:
+            if len(found) != len(keys):
+                first = next(k for k in keys if k not in found)
+                raise LoraError(f"{path}: mixes layouts: tensor {first} has no {prefix} prefix like the others")
+            return layout, {f"{prefix}{rest}": k for k, rest in found.items()}
     # No prefix at all: official Wan names (ComfyUI's without diffusion_model.) or diffusers' names.
     if any(".self_attn." in k or ".cross_attn." in k or ".ffn.0." in k or ".ffn.2." in k for k in keys):
         return "comfyui", {f"diffusion_model.{k}": k for k in keys}
