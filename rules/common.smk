@@ -78,10 +78,6 @@ def wave_priority(stage):
     return of_wildcards(priority)
 
 
-def row_of(wildcards):
-    return ROWS[wildcards.id]
-
-
 @of_wildcards
 def row_image(wildcards):
     return ROWS[wildcards.id].image

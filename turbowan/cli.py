@@ -38,11 +38,10 @@ def merged_config(configfile: str | None) -> dict:
 
 def _rows_from_config(configfile: str | None):
     """The sheet's rows, read with the config's defaults as the workflow reads them, and the results folder."""
-    from .sheet import load_schema, read_rows
+    from .report.batch import sheet_rows
 
     config = merged_config(configfile)
-    schema = load_schema(WORKFLOW / "config" / "schemas" / "sheet.schema.yaml")
-    return read_rows(config["sheet"], config["defaults"], schema, decode_images=False), config["results"]
+    return sheet_rows(config, WORKFLOW), config["results"]
 
 
 def check(args: argparse.Namespace) -> int:
