@@ -1,4 +1,5 @@
-"""encode_image: a row's first frame -> its conditioning y [1, 20, lat_t, lat_h, lat_w] (mask + latent)."""
+"""encode_image: a row's first frame (and last, when given) -> its conditioning y [1, 20, lat_t, lat_h, lat_w]
+(mask + latent)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def encode_image(image: str, vae: str, out: str, video: Mapping[str, Any], device: str = "auto",
-                 vae_dtype: str = "auto", frugal: bool = False, *, ctx: StageContext | None = None) -> None:
+                 vae_dtype: str = "auto", frugal: bool = False, last_image: str | None = None, *,
+                 ctx: StageContext | None = None) -> None:
+    """last_image: the picture the video ends on (resized and cropped as the first); None: a free end."""
     ctx = StageContext() if ctx is None else ctx
     video = video_values(video)
-    pixels = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
+    first = preprocess(open_rgb(image), video["width"], video["height"])  # [1, 3, H, W]
+    last = None if last_image is None else preprocess(open_rgb(last_image), video["width"], video["height"])
     y, params = loading.run_vae(ctx, vae, device, vae_dtype, video, frugal, "VAE encode",
-                                lambda m: encode_condition(m, pixels, video["num_frames"]))
-    log.info("image %s -> y %s", image, list(y.shape))
+                                lambda m: encode_condition(m, first, video["num_frames"], last))
+    log.info("image %s%s -> y %s", image, "" if last_image is None else f", last image {last_image}", list(y.shape))
     ctx.check()
-    save_artifact(out, {"y": y}, stage="encode_image", params=params, inputs={"image": image, "vae": vae})
+    inputs = {"image": image, "vae": vae} if last_image is None else {"image": image, "last_image": last_image, "vae": vae}
+    save_artifact(out, {"y": y}, stage="encode_image", params=params, inputs=inputs)

@@ -5,7 +5,11 @@ docs/reference.md, "Conditioning": the VAE input, the latent constants, the mask
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+from .sizes import VAE_TIME_STRIDE
 
 
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,23 +20,41 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_condition(vae, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+def encode_condition(vae, image: torch.Tensor, num_frames: int, last_image: torch.Tensor | None = None) -> torch.Tensor:
     """y = cat([mask, latent]) [1, 20, lat_t, lat_h, lat_w] in bfloat16.
 
-    image: [1, 3, h, w] in [-1, 1]. The VAE sees the image followed by num_frames-1 frames of
-    zeros (mid-grey on the [-1, 1] scale); the mask marks the first latent frame as given.
+    image (and last_image): [1, 3, h, w] in [-1, 1]. The VAE sees the image, then frames of zeros
+    (mid-grey on the [-1, 1] scale), then last_image when given; the mask marks the given frames
+    (condition_mask).
     """
     device, dtype = vae.device, vae.dtype
     _, _, h, w = image.shape
     # made on the VAE's device: at 720p the zero frames would be 0.9 GB in float32 on the host
     video = torch.zeros(1, 3, num_frames, h, w, device=device, dtype=dtype)  # [1, 3, F, h, w]
     video[:, :, 0] = image.to(device=device, dtype=dtype)
+    if last_image is not None:
+        video[:, :, -1] = last_image.to(device=device, dtype=dtype)
     mu = vae.encode(video).latent_dist.mean.float()
     mean, std = _latent_stats(vae, mu)
     latent = (mu - mean) / std  # [1, 16, lat_t, lat_h, lat_w]
-    mask = torch.zeros(1, 4, *latent.shape[2:], device=device)
-    mask[:, :, 0] = 1
+    mask = condition_mask(num_frames, latent.shape[2:], last_image is not None).to(device)
     return torch.cat([mask, latent], dim=1).to(torch.bfloat16)
+
+
+def condition_mask(num_frames: int, latent_size: Sequence[int], last: bool = False) -> torch.Tensor:
+    """The mask half of y [1, 4, lat_t, lat_h, lat_w]: 1 where a frame was given (the first, and the
+    last when `last`), in the VAE's time layout. Latent frame 0 stands for pixel frame 0 alone and
+    every later latent frame for 4 pixel frames, so the first frame's flag is repeated 4 times and
+    each latent frame's 4 channels hold its 4 pixel frames' flags: the first latent frame is 1 in
+    every channel, a given last frame is 1 in the last channel of the last latent frame only."""
+    lat_t, lat_h, lat_w = latent_size
+    given = torch.zeros(num_frames)
+    given[0] = 1
+    if last:
+        given[-1] = 1
+    given = torch.cat([given[:1].repeat(VAE_TIME_STRIDE - 1), given])  # [VAE_TIME_STRIDE * lat_t]
+    per_latent = given.view(lat_t, VAE_TIME_STRIDE).T  # [4, lat_t]
+    return per_latent[None, :, :, None, None].expand(1, VAE_TIME_STRIDE, lat_t, lat_h, lat_w).contiguous()
 
 
 @torch.no_grad()
