@@ -1,6 +1,8 @@
 # TurboWan batch: a sheet of (image, prompt) rows in, one mp4 per row out.
 # Stages, one job per row: encode_prompt, encode_image -> sample_high -> sample_low -> decode ->
-# encode_video, then pictures per video and the gallery for `snakemake --report report.zip`.
+# encode_video, then pictures per video and the gallery for `snakemake --report report.zip`. Rows
+# chained by `@<id>` start from another row's last frame (save_last_frame); a sheet's chains are
+# joined into longer videos (join_chain).
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -37,6 +39,7 @@ include: "rules/report.smk"
 rule all:
     input:
         [LAYOUT.video(row_id) for row_id in ROWS],
+        [LAYOUT.chain(name) for name in CHAINS],
         LAYOUT.gallery,
     default_target: True
 

@@ -13,10 +13,10 @@ sys.path.insert(0, workflow.basedir)
 
 from turbowan.files.formats import CheckpointError  # noqa: E402
 from turbowan.files.modelfiles import plan_models  # noqa: E402
-from turbowan.layout import Layout  # noqa: E402
+from turbowan.layout import Layout, row_reference  # noqa: E402
 from turbowan.loras import grouped_positions, plan_loras  # noqa: E402
 from turbowan.sheet import (  # noqa: E402
-    SheetError, load_schema, long_prompt_warnings, prompt_token_counts, read_rows,
+    SheetError, chains, continues, load_schema, long_prompt_warnings, prompt_token_counts, read_rows,
 )
 
 LAYOUT = Layout(config["results"])
@@ -39,6 +39,7 @@ PROMPTS = {row.prompt_key: row.prompt for row in ROWS.values()}
 wildcard_constraints:
     id="[A-Za-z0-9_-][A-Za-z0-9._-]*",
     prompt_key="[0-9a-f]{16}",
+    chain="[A-Za-z0-9_-][A-Za-z0-9._-]*",
 
 
 # Waves: the sheet's rows, `wave_rows` at a time. Every job of a wave outranks every job of the
@@ -52,8 +53,42 @@ PROMPT_POSITION = {}
 for _row in ROWS.values():
     PROMPT_POSITION.setdefault(_row.prompt_key, POSITION[_row.id])
 STAGE_RANK = {"encode_prompt": 5, "encode_image": 4, "sample_high": 3, "sample_low": 2, "decode": 1,
-              "encode_video": 0}
+              "save_last_frame": 1, "encode_video": 0, "join_chain": 0}
+RANKS = max(STAGE_RANK.values()) + 1
 WAVES = len(ROWS) // WAVE_ROWS + 1
+
+# Chains: rows with one `chain` name, in sheet order, joined into one video (rule join_chain); a chain
+# ends with the wave of its last row. A row that starts from another's last frame (`@<id>`) waits for
+# that row's decode, which the DAG says; the priorities need not.
+CHAINS = chains(ROWS.values())  # name -> its rows, in sheet order
+CHAIN_POSITION = {name: POSITION[members[-1].id] for name, members in CHAINS.items()}
+
+# A row's depth: 0 when it starts from pictures, else one more than the deepest row it starts or ends
+# on (`@<id>`). Cluster profiles bundle the rows of a model stage into group jobs (`group-components`
+# in profiles/slurm); a group job that held a row and a row that starts from it would wait on itself
+# (Snakemake refuses such a DAG), so each depth is a group of its own: `sample_high`, then
+# `sample_high.1`, ... Snakemake looks up `group-components` under the name a group was declared
+# with (its `parent_groupids`, which it fills itself for a group name with wildcards); the depths'
+# groups are declared here as the stage's, so the profile's counts apply to every depth.
+# (Ignored when running locally: Snakemake uses groups on clusters only.)
+DEPTH = {}
+
+
+def row_depth(row_id):
+    if row_id not in DEPTH:
+        DEPTH[row_id] = 1 + max((row_depth(ref) for ref in ROWS[row_id].references().values()), default=-1)
+    return DEPTH[row_id]
+
+
+for _row_id in ROWS:
+    row_depth(_row_id)
+
+
+def model_group(stage):
+    """A model rule's `group:`, per row: its stage, and its depth when it starts from another row."""
+    for depth in set(DEPTH.values()) - {0}:
+        workflow.parent_groupids[f"{stage}.{depth}"] = stage
+    return of_wildcards(lambda wildcards: stage if DEPTH[wildcards.id] == 0 else f"{stage}.{DEPTH[wildcards.id]}")
 
 
 def of_wildcards(function):
@@ -70,17 +105,46 @@ def wave_priority(stage):
     rank = STAGE_RANK[stage]
 
     def priority(wildcards):
-        position = (PROMPT_POSITION[wildcards.prompt_key] if "prompt_key" in wildcards.keys()
-                    else STAGE_POSITION.get(stage, POSITION)[wildcards.id])  # (STAGE_POSITION: LoRAs, below)
+        keys = wildcards.keys()
+        if "prompt_key" in keys:
+            position = PROMPT_POSITION[wildcards.prompt_key]
+        elif "chain" in keys:
+            position = CHAIN_POSITION[wildcards.chain]
+        else:
+            position = STAGE_POSITION.get(stage, POSITION)[wildcards.id]  # (STAGE_POSITION: LoRAs, below)
         wave, in_wave = divmod(position, WAVE_ROWS)
-        return ((WAVES - wave) * len(STAGE_RANK) + rank) * WAVE_ROWS + (WAVE_ROWS - in_wave)
+        return ((WAVES - wave) * RANKS + rank) * WAVE_ROWS + (WAVE_ROWS - in_wave)
 
     return of_wildcards(priority)
 
 
 @of_wildcards
-def row_image(wildcards):
-    return ROWS[wildcards.id].image
+def row_images(wildcards):
+    """encode_image's pictures: `image`, and `last_image` when the row has one. A cell `@<id>` is that
+    row's last frame (rule save_last_frame), so the row waits for it; see row_sources."""
+    row = ROWS[wildcards.id]
+    cells = {"image": row.image, "last_image": row.last_image}
+    return {column: ancient(LAYOUT.image(cell)) if row_reference(cell) else LAYOUT.image(cell)
+            for column, cell in cells.items() if cell is not None}
+
+
+@of_wildcards
+def row_sources(wildcards):
+    """The final latents of the rows this row starts or ends on. A last frame is made again from
+    temporary frames whenever they are decoded again (an mp4 or a chain video remade), the same
+    picture in a new file: so the frame is an ancient() input, which reruns nothing by its date, and
+    the latent it comes from is the input that reruns this row when that row's result changes."""
+    return [LAYOUT.latent(ref) for ref in ROWS[wildcards.id].references().values()]
+
+
+@of_wildcards
+def chain_frames(wildcards):
+    return [LAYOUT.frames(row.id) for row in CHAINS[wildcards.chain]]
+
+
+@of_wildcards
+def chain_continues(wildcards):
+    return continues(CHAINS[wildcards.chain])
 
 
 @of_wildcards

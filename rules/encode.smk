@@ -20,6 +20,7 @@ rule encode_prompt:
     benchmark:
         LAYOUT.benchmark("encode_prompt", "{prompt_key}")
     priority: wave_priority("encode_prompt")
+    group: "encode_prompt"
     resources:
         gpu=1,
     conda:
@@ -28,9 +29,11 @@ rule encode_prompt:
         "../scripts/encode_prompt.py"
 
 
+# A row's first picture (and last, when it has one): a file, or another row's last frame.
 rule encode_image:
     input:
-        image=row_image,
+        row_sources,
+        unpack(row_images),
         vae=MODEL_INPUTS["vae"],
     output:
         LAYOUT.cond("{id}"),
@@ -43,6 +46,7 @@ rule encode_image:
     benchmark:
         LAYOUT.benchmark("encode_image", "{id}")
     priority: wave_priority("encode_image")
+    group: model_group("encode_image")
     retries: 1
     resources:
         gpu=1,

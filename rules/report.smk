@@ -26,7 +26,7 @@ rule gallery:
         videos=[LAYOUT.video(row_id) for row_id in ROWS],
         previews=[LAYOUT.preview(row_id) for row_id in ROWS],
         batch_sheet=LAYOUT.batch_sheet,
-        images=[row.image for row in ROWS.values()],
+        images=[LAYOUT.image(cell) for row in ROWS.values() for cell in (row.image, row.last_image) if cell],
     output:
         report(
             directory(LAYOUT.gallery),

@@ -46,6 +46,7 @@ rule sample_high:
     benchmark:
         LAYOUT.benchmark("sample_high", "{id}")
     priority: wave_priority("sample_high")
+    group: model_group("sample_high")
     resources:
         gpu=1,
     conda:
@@ -72,6 +73,7 @@ rule sample_low:
     benchmark:
         LAYOUT.benchmark("sample_low", "{id}")
     priority: wave_priority("sample_low")
+    group: model_group("sample_low")
     resources:
         gpu=1,
     conda:

@@ -22,6 +22,7 @@ rule decode:
     benchmark:
         LAYOUT.benchmark("decode", "{id}")
     priority: wave_priority("decode")
+    group: model_group("decode")
     retries: 1
     resources:
         gpu=1,
@@ -56,3 +57,42 @@ rule encode_video:
         "../envs/turbowan.yaml"
     script:
         "../scripts/encode_video.py"
+
+
+# A row's last frame as a PNG of its own, for the rows that start or end on it (`@<id>`): the frames
+# folder is temporary, and a row chained in a later run must not need the row before decoded again.
+rule save_last_frame:
+    input:
+        frames=LAYOUT.frames("{id}"),
+    output:
+        LAYOUT.last_frame("{id}"),
+    log:
+        LAYOUT.log("save_last_frame", "{id}"),
+    priority: wave_priority("save_last_frame")
+    localrule: True
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/save_last_frame.py"
+
+
+# A chain's rows joined into one video, from their lossless frames, dropping the repeated frame at
+# each joint where a row starts from the previous one's last frame.
+rule join_chain:
+    input:
+        frames=chain_frames,
+    output:
+        LAYOUT.chain("{chain}"),
+    params:
+        continues=chain_continues,
+        fps=config["video"]["fps"],
+        quality=config["video"]["quality"],
+    log:
+        LAYOUT.log("join_chain", "{chain}"),
+    benchmark:
+        LAYOUT.benchmark("join_chain", "{chain}")
+    priority: wave_priority("join_chain")
+    conda:
+        "../envs/turbowan.yaml"
+    script:
+        "../scripts/join_chain.py"

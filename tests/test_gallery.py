@@ -78,3 +78,27 @@ def test_embedded_gallery_is_one_file(results):
     (video_src,) = re.findall(r"<video[^>]* src='(data:video/mp4;base64,[^']+)'", page)
     assert base64.b64decode(video_src.split(",", 1)[1]) == (folder / "ok" / "video.mp4").read_bytes()
     assert len(re.findall(r"<img[^>]* src='data:image/(?:png|gif);base64,", page)) == 4
+
+
+def test_chained_rows_show_where_they_start_and_end_and_their_chain(tmp_path):
+    results = tmp_path / "results"
+    first = row("first", write_image(tmp_path / "a.png", 60, 40), "A boat")
+    last = write_image(tmp_path / "the <end> 'café'.png", 40, 60, seed=3)  # a hostile file name, escaped
+    second = row("second", "@first", "The boat sails on")
+    first = Row(**{**first.as_dict(), "chain": "trip"})
+    second = Row(**{**second.as_dict(), "chain": "trip", "last_image": str(last)})
+    (results / "first").mkdir(parents=True)
+    write_image(results / "first" / "last_frame.png", 48, 32, seed=4)  # what save_last_frame made
+    (results / "chains").mkdir()
+    (results / "chains" / "trip.mp4").write_bytes(make_video(tmp_path).read_bytes())
+    page = build_gallery(results / "gallery", [first, second], info(results, embed=False)).read_text()
+    assert "<h2 id='chains'>Chains</h2>" in page and "chain trip: first + second" in page
+    assert page.count("class='chain-video'") == 1 and "src='chains/trip.mp4'" in page
+    assert (results / "gallery" / "chains" / "trip.mp4").read_bytes() == (results / "chains" / "trip.mp4").read_bytes()
+    # the second row starts from the first one's last frame and ends on the given picture
+    assert "<td>starts from</td><td>the last frame of row first</td>" in page
+    assert "<td>ends on</td><td>the &lt;end&gt; &#x27;café&#x27;.png</td>" in page and "<end>" not in page
+    assert "<td>chain</td><td>trip (chains/trip.mp4)</td>" in page
+    assert (results / "gallery" / "second" / "input.png").is_file()  # the first row's last frame
+    assert (results / "gallery" / "second" / "last_input.png").is_file()
+    assert page.count("given last frame") == 1

@@ -245,3 +245,71 @@ def test_long_prompts_are_named_with_their_row_line_and_tokens(sheet_dir, demo_m
     ]
     assert long_prompt_warnings(rows, counts, limit=tokens) == []
     assert long_prompt_warnings(rows, {}) == []  # no tokenizer yet: nothing to say
+
+
+# ------------------------------------------------------------------ first-last frame and chained rows
+
+CHAIN_HEADER = "id,image,last_image,prompt,width,height,chain\n"
+
+
+def test_last_image_and_row_references_are_read(sheet_dir):
+    text = CHAIN_HEADER + ("a,img/a.png,,x,64,48,walk\n"
+                           "b,@a,img/wide.png,y,,,walk\n"  # size: a's (the part before)
+                           "c, @b ,@a,z,,,\n"  # spaces around the id are ignored
+                           "d,img/a.png,,w,,,\n")
+    a, b, c, d = read(sheet_dir, text)
+    assert (a.last_image, a.chain, a.references()) == (None, "walk", {})
+    assert b.image == "@a" and b.last_image == str((sheet_dir / "img" / "wide.png").resolve())
+    assert (b.width, b.height, b.chain) == (64, 48, "walk") and b.references() == {"image": "a"}
+    assert c.references() == {"image": "b", "last_image": "a"} and (c.width, c.height) == (64, 48)
+    assert (d.width, d.height, d.last_image, d.chain) == (1280, 720, None, None)  # the preset, as before
+
+
+def test_a_referenced_row_may_come_later_in_the_sheet(sheet_dir):
+    b, a = read(sheet_dir, CHAIN_HEADER + "b,@a,,y,,,\na,img/a.png,,x,32,48,\n")
+    assert (b.width, b.height) == (32, 48)
+
+
+BAD_CHAIN_CELLS = [
+    ("r,img/a.png,img/missing.png,x,,,", "last_image", "'img/missing.png' does not exist"),
+    ("r,img/a.png,img/broken.png,x,,,", "last_image", "cannot be read as an image"),
+    ("r,@nobody,,x,,,", "image", "'@nobody' names no row of the sheet"),
+    ("r,img/a.png,@nobody,x,,,", "last_image", "'@nobody' names no row of the sheet"),
+    ("r,@,,x,,,", "image", "'@' names no row of the sheet"),
+    ("r,@r,,x,,,", "image", "closes a cycle of rows, each starting from the next one's frames: r -> r"),
+    ("r,img/a.png,,x,,,bad/name", "chain", "may only use letters"),
+    ("r,img/a.png,,x,,,.hidden", "chain", "may only use letters"),
+    ("r,img/a.png,,x,32,32,c", "chain", "must share one size; this row is 32x32, row 'ok' is 64x48"),
+]
+
+
+@pytest.mark.parametrize("line, column, message", BAD_CHAIN_CELLS, ids=[f"{c}:{m}" for _, c, m in BAD_CHAIN_CELLS])
+def test_each_bad_chain_or_last_image_cell_is_named(sheet_dir, line, column, message):
+    (sheet_dir / "img" / "broken.png").write_bytes(b"\x89PNG garbage")
+    found = problems(sheet_dir, CHAIN_HEADER + "ok,img/a.png,,fine,64,48,c\n" + line + "\n")
+    assert len(found) == 1, found
+    assert "row 2 (line 3, id 'r')" in found[0] and f"column '{column}'" in found[0] and message in found[0], found[0]
+
+
+def test_a_cycle_through_several_rows_is_named_once_with_its_rows(sheet_dir):
+    found = problems(sheet_dir, CHAIN_HEADER + "a,@c,,x,,,\nb,@a,,y,,,\nc,img/a.png,@b,z,,,\nd,@a,,w,,,\n")
+    assert found == ["row 2 (line 3, id 'b'), column 'image': '@a' closes a cycle of rows, each starting "
+                     "from the next one's frames: a -> c -> b -> a"], found  # (d, outside it, is no problem)
+
+
+def test_a_row_that_starts_from_a_bad_row_waits_for_its_fix_without_a_problem_of_its_own(sheet_dir):
+    found = problems(sheet_dir, CHAIN_HEADER + "a,img/nope.png,,x,,,\nb,@a,,y,,,\n")
+    assert len(found) == 1 and "id 'a'), column 'image'" in found[0], found
+
+
+def test_a_file_whose_name_starts_with_at_is_written_with_its_folder(sheet_dir):
+    write_image(sheet_dir / "@a.png", 32, 32)
+    (row,) = read(sheet_dir, "id,image,prompt\nr,./@a.png,x\n")
+    assert row.image == str((sheet_dir / "@a.png").resolve()) and row.references() == {}
+    found = problems(sheet_dir, "id,image,prompt\nr,@a.png,x\n")
+    assert "'@a.png' names no row of the sheet (an image file whose name starts with '@' is written ./@name)" in found[0]
+
+
+def test_chains_is_a_name_no_row_may_take(sheet_dir):
+    found = problems(sheet_dir, "id,image,prompt\nchains,img/a.png,x\n")
+    assert "column 'id'" in found[0] and "batch's own files or folders" in found[0]

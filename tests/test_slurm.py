@@ -62,9 +62,11 @@ def write_batch(workdir: Path, models: dict) -> list[str]:
     """The demo sheet (its images and prompts) at 48x32, 9 frames; the config pointing at it."""
     demo = REPO / "config" / "demo"
     with open(demo / "sheet.csv", newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.DictReader(f) if not row.get("loras")]  # (the demo_models have no LoRA)
+        # (the demo_models have no LoRA; chained rows' SLURM groups are checked in test_chains)
+        rows = [row for row in csv.DictReader(f) if not row.get("loras") and not row["image"].startswith("@")]
     for row in rows:
-        row.pop("loras", None)
+        for column in ("loras", "last_image", "chain"):
+            row.pop(column, None)
         row.update(image=str(demo / row["image"]), num_frames="9", width="48", height="32")
     with open(workdir / "sheet.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

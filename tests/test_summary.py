@@ -228,3 +228,18 @@ def test_a_plain_torch_gpu_run_is_flagged_in_the_summary_and_the_gallery(tmp_pat
     row_part = page[page.index("id='row-slow'"):page.index("id='row-fast'")]
     assert f"<p class='warning kernels'>{PLAIN_TORCH_WARNING}: plain-torch on cuda in sample_high" in row_part
     assert "warning" not in page[page.index("id='row-fast'"):]
+
+
+def test_the_sheets_image_chain_and_lora_cells_are_columns(tmp_path):
+    from turbowan.sheet import Row
+
+    common = dict(prompt="a boat", seed=1, num_frames=5, width=32, height=32, num_steps=2, sigma_max=80.0,
+                  boundary=0.9, ode=False)
+    rows = [Row(id="A", image="images/a.png", chain="trip", loras=(("motion", 0.8), ("style", 1.0)), **common),
+            Row(id="B", image="@A", last_image="images/end.png", chain="trip", **common)]
+    with open(write_summary(tmp_path, rows), newline="", encoding="utf-8") as f:
+        raw = {line["id"]: line for line in csv.DictReader(f)}
+    assert raw["A"]["loras"] == "motion:0.8;style:1" and raw["A"]["last_image"] == "" and raw["A"]["chain"] == "trip"
+    assert raw["B"]["image"] == "'@A"  # a spreadsheet would take @A for a formula
+    back = {line["id"]: line for line in read_summary(tmp_path)}
+    assert back["B"]["image"] == "@A" and back["B"]["last_image"] == "images/end.png"

@@ -3,7 +3,8 @@
 Snakemake sees only that a file exists, so a truncated copy, a full disk or a hand edit leaves an
 artifact that looks finished. The job that reads it fails, naming it; this command finds every such
 file at once without running anything: safetensors artifacts by their header and the digest of
-their data, frames by their PNG chunks and count, videos by their boxes and frame count. It only looks,
+their data, frames (and kept last frames) by their PNG chunks and count, videos (and chain videos)
+by their boxes and frame count. It only looks,
 unless asked to repair: then it deletes each damaged file, and the next run remakes it (and, as
 their input is newer, everything made from it).
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Iterable
 
 from .files.artifacts import check_digest, read_record
-from .files.video import VideoError, check_frames, check_mp4
+from .files.video import VideoError, check_frames, check_mp4, check_png
 from .layout import Layout
+from .sheet import chains, continues
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ def find_damage(results: str | Path, rows: Iterable) -> list[Damage]:
     layout = Layout(str(results))
     found: list[Damage] = []
     texts_seen: set[str] = set()
+    rows = list(rows)
     for row in rows:
         checks = []
         if row.prompt_key not in texts_seen:
@@ -61,12 +64,25 @@ def find_damage(results: str | Path, rows: Iterable) -> list[Damage]:
             checks.append((Path(layout.artifact(stage, row.id)), lambda p, s=stage: artifact_problem(p, s)))
         checks.append((Path(layout.frames(row.id)), lambda p, r=row: file_problem(check_frames, p, r)))
         checks.append((Path(layout.video(row.id)), lambda p, r=row: file_problem(check_mp4, p, r)))
+        checks.append((Path(layout.last_frame(row.id)), lambda p, r=row: file_problem(_check_one_png, p, r)))
         for path, problem_of in checks:
             if path.exists():
                 problem = problem_of(path)
                 if problem:
                     found.append(Damage(path, problem))
+    for name, members in chains(rows).items():
+        path = Path(layout.chain(name))
+        if path.exists():
+            frames = sum(row.num_frames for row in members) - sum(continues(members))
+            try:
+                check_mp4(path, frames, members[0].width, members[0].height)
+            except VideoError as err:
+                found.append(Damage(path, str(err).removeprefix(f"{path}: ")))
     return found
+
+
+def _check_one_png(path: Path, _frames: int, width: int, height: int) -> None:
+    check_png(path, width, height)
 
 
 def repair(damage: Iterable[Damage]) -> list[Path]:

@@ -7,6 +7,8 @@ rules get a wildcard.
     <results>/prompts/<prompt_key>/text.safetensors   shared by rows with one prompt
     <results>/<id>/cond.safetensors, boundary.safetensors, latent.safetensors, frames/, video.mp4,
                    contact_sheet.png, preview.gif
+                   last_frame.png                 when another row starts from it (`@<id>`)
+    <results>/chains/<chain>.mp4                      a chain's rows joined
     <results>/logs/<rule>/<key>.log, <results>/benchmarks/<rule>/<key>.tsv
     <results>/summary.csv, contact_sheet.png, gallery/
 """
@@ -24,10 +26,10 @@ ROW_ARTIFACTS = {
     "decode": "frames",
     "encode_video": "video.mp4",
 }
-PROMPTS, LOGS, BENCHMARKS, GALLERY = "prompts", "logs", "benchmarks", "gallery"
+PROMPTS, LOGS, BENCHMARKS, GALLERY, CHAINS = "prompts", "logs", "benchmarks", "gallery", "chains"
 SUMMARY, BATCH_SHEET = "summary.csv", "contact_sheet.png"
 # Names the batch itself uses at the top of the results folder: no row id may take one.
-BATCH_NAMES = frozenset({PROMPTS, LOGS, BENCHMARKS, GALLERY, SUMMARY, BATCH_SHEET})
+BATCH_NAMES = frozenset({PROMPTS, LOGS, BENCHMARKS, GALLERY, CHAINS, SUMMARY, BATCH_SHEET})
 
 
 def id_problem(row_id: str) -> str | None:
@@ -37,6 +39,12 @@ def id_problem(row_id: str) -> str | None:
     if row_id in BATCH_NAMES:
         return f"{row_id!r} is the name of one of the batch's own files or folders ({', '.join(sorted(BATCH_NAMES))})"
     return None
+
+
+def row_reference(cell: str | None) -> str | None:
+    """The row id an image cell names as `@<id>` (that row's last frame), else None: a path
+    (`./@name.png` is a file whose name starts with '@')."""
+    return cell[1:].strip() if cell is not None and cell.startswith("@") else None
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,18 @@ class Layout:
 
     def preview(self, row_id: str) -> str:
         return self.row(row_id, "preview.gif")
+
+    def last_frame(self, row_id: str) -> str:
+        """The row's last decoded frame, kept for the rows that start (or end) on it."""
+        return self.row(row_id, "last_frame.png")
+
+    def image(self, cell: str) -> str:
+        """The file an image cell of a Row stands for: its path, or for `@<id>` that row's last frame."""
+        ref = row_reference(cell)
+        return cell if ref is None else self.last_frame(ref)
+
+    def chain(self, name: str) -> str:
+        return self._join(CHAINS, f"{name}.mp4")
 
     # bookkeeping
     def log(self, rule: str, key: str) -> str:

@@ -18,7 +18,7 @@ import jsonschema
 import yaml
 
 from .files.prompts import prompt_key
-from .layout import id_problem
+from .layout import id_problem, row_reference
 from .loras import parse_loras_cell
 from .wan.image import ImageError, image_size, open_rgb
 from .wan.prompts import TEXT_LEN, token_counts
@@ -28,7 +28,8 @@ REQUIRED = ("id", "image", "prompt")
 INTEGER = ("seed", "num_frames", "width", "height", "num_steps")
 NUMBER = ("sigma_max", "boundary")
 BOOLEAN = ("adaptive", "ode")
-TEXT = ("id", "image", "prompt", "resolution", "aspect_ratio", "loras")
+TEXT = ("id", "image", "prompt", "resolution", "aspect_ratio", "loras", "last_image", "chain")
+IMAGE_COLUMNS = ("image", "last_image")  # a path relative to the sheet, or @<id>: that row's last frame
 COLUMNS = TEXT + INTEGER + NUMBER + BOOLEAN
 TRUE, FALSE = {"true", "yes", "1", "y", "t"}, {"false", "no", "0", "n", "f"}
 
@@ -45,7 +46,7 @@ class SheetError(ValueError):
 @dataclass(frozen=True)
 class Row:
     id: str
-    image: str  # the sheet's folder joined with the cell
+    image: str  # the sheet's folder joined with the cell, or "@<id>" (turbowan.layout.row_reference)
     prompt: str
     seed: int
     num_frames: int
@@ -57,6 +58,13 @@ class Row:
     ode: bool
     line: int = 0  # where the row starts in the CSV file (1 = the header)
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale) in name order (turbowan.loras)
+    last_image: str | None = None  # as `image`; None: the video's end is free
+    chain: str | None = None  # the name of the longer video this row is a part of
+
+    def references(self) -> dict[str, str]:
+        """{column: row id} for the image cells that name another row (`@<id>`)."""
+        return {column: ref for column in IMAGE_COLUMNS
+                if (ref := row_reference(getattr(self, column))) is not None}
 
     @property
     def prompt_key(self) -> str:
@@ -150,7 +158,7 @@ def read_rows(
         raise SheetError(path, problems + ["the sheet has no rows"])
 
     validator = jsonschema.Draft202012Validator(schema)
-    rows: list[Row] = []
+    drafts: dict[str, _Draft] = {}  # id -> a row whose cells are fine
     seen: dict[str, tuple[int, int]] = {}  # id -> (row, line)
     for index, (line, record) in enumerate(records, start=1):
         cells: dict[str, str] = {}
@@ -205,51 +213,167 @@ def read_rows(
         if "num_frames" not in bad and "num_frames" in values and not frames_ok(values["num_frames"]):
             problem("num_frames", f"{values['num_frames']} is not 4k+1 (e.g. 81, 49, 17)")
 
-        image_path = None
-        size = None
-        if "image" not in bad and values.get("image", "").strip():
+        images: dict[str, str] = {}  # column -> the image's path, or "@<id>"
+        size = None  # the first image's (width, height); a referenced row's size is known later
+        for column in IMAGE_COLUMNS:
+            cell = str(values.get(column, "")).strip()
+            if column in bad or not cell:
+                if column == "image" and column not in bad:
+                    problem("image", "is empty")
+                continue
+            if row_reference(cell) is not None:
+                images[column] = "@" + row_reference(cell)
+                continue
             # relative to the sheet; kept relative when the sheet's path is, so a moved batch
             # folder does not look like a changed input
-            image_path = Path(os.path.normpath(path.parent / values["image"].strip()))
+            image_path = Path(os.path.normpath(path.parent / cell))
             if not image_path.is_file():
-                problem("image", f"{values['image']!r} does not exist (looked for {image_path})")
-            else:
-                try:
-                    # the full decode (planning process) gives the size too; jobs read the header only
-                    size = open_rgb(image_path).size if decode_images else image_size(image_path)
-                except ImageError as err:
-                    problem("image", str(err))
-        elif "image" not in bad:
-            problem("image", "is empty")
+                problem(column, f"{cell!r} does not exist (looked for {image_path})")
+                continue
+            try:
+                # the full decode (planning process) gives the size too; jobs read the header only
+                found = open_rgb(image_path).size if decode_images else image_size(image_path)
+            except ImageError as err:
+                problem(column, str(err))
+                continue
+            images[column] = str(image_path)
+            if column == "image":
+                size = found
 
         has_w, has_h = values.get("width") is not None, values.get("height") is not None
         if has_w != has_h:
             problem("width" if not has_w else "height", "width and height must be given together")
         if not row_problems:
-            if values.get("adaptive") and not (has_w and has_h) and size is None:
+            if (values.get("adaptive") and not (has_w and has_h) and size is None
+                    and row_reference(images.get("image")) is None):
                 problem("adaptive", "adaptive sizing needs a readable image")
         if row_problems:
             problems.extend(f"{where}, column '{column}': {message}" for column, message in row_problems)
             continue
         if missing:  # (the row's other cells are checked; it cannot be a row without these)
             continue
+        drafts[row_id] = _Draft(where, line, values, images, size)
+
+    problems += _reference_problems(drafts, set(seen))
+    rows = _sized_rows(drafts, problems)
+    problems += _chain_problems(rows, drafts)
+    if problems:
+        raise SheetError(path, problems)
+    return rows
+
+
+@dataclass
+class _Draft:
+    """A row whose cells passed their checks, before its size: a row that starts from another row's
+    last frame takes that row's size, known once the other row is sized."""
+    where: str  # "row N (line L, id 'x')", for problems
+    line: int
+    values: dict[str, Any]
+    images: dict[str, str]  # column -> path or "@<id>"
+    size: tuple[int, int] | None  # the first image's, when it is a file
+
+
+def _references(draft: _Draft) -> dict[str, str]:
+    return {column: ref for column, cell in draft.images.items() if (ref := row_reference(cell)) is not None}
+
+
+def _reference_problems(drafts: Mapping[str, _Draft], ids: set[str]) -> list[str]:
+    """`@<id>` cells that name no row of the sheet, and rows that reach themselves through them."""
+    problems = []
+    for draft in drafts.values():
+        for column, ref in _references(draft).items():
+            if ref not in ids:
+                problems.append(f"{draft.where}, column '{column}': '@{ref}' names no row of the sheet "
+                                "(an image file whose name starts with '@' is written ./@name)")
+    state: dict[str, int] = {}  # 1: on the path being followed, 2: done
+
+    def follow(row_id: str, path: list[str]) -> None:
+        state[row_id] = 1
+        path.append(row_id)
+        for column, ref in _references(drafts[row_id]).items():
+            if ref not in drafts:
+                continue
+            if state.get(ref) == 1:
+                cycle = path[path.index(ref):] + [ref]
+                problems.append(f"{drafts[row_id].where}, column '{column}': '@{ref}' closes a cycle of rows, "
+                                f"each starting from the next one's frames: {' -> '.join(cycle)}")
+            elif ref not in state:
+                follow(ref, path)
+        path.pop()
+        state[row_id] = 2
+
+    for row_id in drafts:
+        if row_id not in state:
+            follow(row_id, [])
+    return problems
+
+
+def _sized_rows(drafts: Mapping[str, _Draft], problems: list[str]) -> list[Row]:
+    """The Rows in sheet order, each sized after the row it starts from; a row that starts from a row
+    with problems, or from a cycle (_reference_problems names both), is left out."""
+    rows: dict[str, Row | None] = {}
+
+    def build(row_id: str) -> Row | None:
+        if row_id in rows:
+            return rows[row_id]
+        rows[row_id] = None  # until built: a cycle back to this row finds None
+        draft, values = drafts[row_id], drafts[row_id].values
+        size = draft.size
+        ref = row_reference(draft.images["image"])
+        if ref is not None:
+            source = build(ref) if ref in drafts else None
+            if source is None:
+                return None
+            if values.get("width") is None:  # a part of a longer video: the size of the part before
+                values = dict(values, width=source.width, height=source.height)
         width, height = choose_size(
             values["resolution"], values["aspect_ratio"], bool(values.get("adaptive")),
             values.get("width"), values.get("height"), size,
         )
         reason = size_problem(width, height)
         if reason:
-            problems.append(f"{where}, column 'width/height': the chosen size {width}x{height}: {reason}")
-            continue
-        rows.append(Row(
-            id=row_id, image=str(image_path), prompt=values["prompt"], seed=values["seed"],
+            problems.append(f"{draft.where}, column 'width/height': the chosen size {width}x{height}: {reason}")
+            return None
+        rows[row_id] = Row(
+            id=row_id, image=draft.images["image"], prompt=values["prompt"], seed=values["seed"],
             num_frames=values["num_frames"], width=width, height=height, num_steps=values["num_steps"],
             sigma_max=float(values["sigma_max"]), boundary=float(values["boundary"]), ode=bool(values["ode"]),
-            line=line, loras=values.get("loras", ()),
-        ))
-    if problems:
-        raise SheetError(path, problems)
-    return rows
+            line=draft.line, loras=values.get("loras", ()), last_image=draft.images.get("last_image"),
+            chain=values.get("chain"),
+        )
+        return rows[row_id]
+
+    built = [build(row_id) for row_id in drafts]
+    return [row for row in built if row is not None]
+
+
+def chains(rows: Iterable[Row]) -> dict[str, list[Row]]:
+    """{chain name: its rows in sheet order}."""
+    found: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.chain is not None:
+            found.setdefault(row.chain, []).append(row)
+    return found
+
+
+def continues(members: list[Row]) -> list[bool]:
+    """Per row of a chain: does it start from the row before it (`@` that row)? Its first frame then
+    repeats that row's last one, and the chain's video leaves it out."""
+    return [index > 0 and row.references().get("image") == members[index - 1].id for index, row in enumerate(members)]
+
+
+def _chain_problems(rows: list[Row], drafts: Mapping[str, _Draft]) -> list[str]:
+    """A chain's rows are joined into one video: they must share one size."""
+    problems, first = [], {}
+    for row in rows:
+        if row.chain is None:
+            continue
+        head = first.setdefault(row.chain, row)
+        if (row.width, row.height) != (head.width, head.height):
+            problems.append(f"{drafts[row.id].where}, column 'chain': the rows of chain {row.chain!r} are joined "
+                            f"into one video and must share one size; this row is {row.width}x{row.height}, "
+                            f"row {head.id!r} is {head.width}x{head.height}")
+    return problems
 
 
 def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:

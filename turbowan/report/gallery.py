@@ -2,8 +2,8 @@
 
 Snakemake's report viewer offers an mp4 only as a download, so the report carries this folder
 (`report(directory(...), htmlindex="index.html")`): the summary table, then per row the input
-image, the prompt, the parameters, stage timings, an HTML5 <video> player, the animated preview
-and the contact sheet, or the error of a failed row. It is built from whatever exists, so it can
+image (and last image), the prompt, the parameters, stage timings, an HTML5 <video> player, the
+animated preview and the contact sheet, or the error of a failed row; and each chain's joined video. It is built from whatever exists, so it can
 be made after a batch where rows failed.
 """
 
@@ -23,6 +23,9 @@ from typing import Any, Iterable, Mapping
 from PIL import Image
 
 from ..files.artifacts import atomic_dir
+from ..layout import Layout, row_reference
+from ..loras import format_loras
+from ..sheet import chains
 from ..wan.image import ImageError, open_rgb
 from .summary import DONE, FAILED, PLAIN_TORCH_WARNING, STAGES, build_summary
 
@@ -114,7 +117,14 @@ def _parameters(row: Any, info: BatchInfo) -> list[tuple[str, Any]]:
     ]
     params += [(f"checkpoint {name}", Path(path).name) for name, path in info.checkpoints.items()]
     if getattr(row, "loras", ()):  # the sheet's `loras` cell (name:scale;...), escaped by _table
-        params.append(("LoRAs", ";".join(f"{name}:{float(scale):g}" for name, scale in row.loras)))
+        params.append(("LoRAs", format_loras(row.loras)))
+    for column, what in (("image", "starts from"), ("last_image", "ends on")):
+        cell = getattr(row, column, None)
+        if cell:
+            ref = row_reference(cell)
+            params.append((what, f"the last frame of row {ref}" if ref is not None else Path(cell).name))
+    if getattr(row, "chain", None):
+        params.append(("chain", f"{row.chain} (chains/{row.chain}.mp4)"))
     return params
 
 
@@ -134,10 +144,10 @@ def _row_section(row: Any, line: dict[str, Any], media: dict[str, str], info: Ba
         parts.append(f"<p class='warning kernels'>{_esc(PLAIN_TORCH_WARNING)}: {_esc(line['kernels'])}</p>")
     parts.append(f"<p class='prompt'>{_esc(row.prompt)}</p>")
     figures = []
-    if "image" in media:
-        figures.append(f"<figure><img class='scaled input-image' src='{_esc(media['image'])}' "
-                       f"alt='input image of {rid}'>"
-                       "<figcaption>input image</figcaption></figure>")
+    for kind, caption in (("image", "first frame"), ("last_image", "last frame")):
+        if kind in media:
+            figures.append(f"<figure><img class='scaled input-{kind.replace('_', '-')}' src='{_esc(media[kind])}' "
+                           f"alt='{caption} of {rid}'><figcaption>given {caption}</figcaption></figure>")
     if "video" in media:
         width, height = _display_size(row.width, row.height)
         figures.append(
@@ -197,18 +207,46 @@ def _row_media(row: Any, results: Path, media: Media) -> dict[str, str]:
         src = results / row.id / name
         if src.is_file():
             refs[kind] = media.add_file(src, f"{row.id}/{name}")
-    try:
-        image = open_rgb(row.image)
-        image.thumbnail((IMAGE_MAX_SIDE, IMAGE_MAX_SIDE))
-        refs["image"] = media.add_png(image, f"{row.id}/input.png")
-    except ImageError:  # an image gone since the sheet was read only leaves it out of the page
-        pass
+    layout = Layout(str(results))
+    for kind, name in (("image", "input.png"), ("last_image", "last_input.png")):
+        cell = getattr(row, kind, None)
+        if not cell:
+            continue
+        try:  # (`@<id>`: that row's last frame, once it is made)
+            image = open_rgb(layout.image(cell))
+            image.thumbnail((IMAGE_MAX_SIDE, IMAGE_MAX_SIDE))
+            refs[kind] = media.add_png(image, f"{row.id}/{name}")
+        except ImageError:  # an image gone since the sheet was read (or not made yet) is left out
+            pass
     return refs
 
 
+def _chains_section(rows: list[Any], results: Path, media: Media) -> str:
+    """The sheet's chains: each one's joined video, or which of its rows it waits for."""
+    found = chains(rows)
+    if not found:
+        return ""
+    layout = Layout(str(results))
+    parts = ["<h2 id='chains'>Chains</h2>", "<div class='media'>"]
+    for name, members in found.items():
+        ids = " + ".join(_esc(row.id) for row in members)
+        video = Path(layout.chain(name))
+        if video.is_file():
+            src = media.add_file(video, f"chains/{name}.mp4")
+            width, height = _display_size(members[0].width, members[0].height)
+            body = (f"<video class='chain-video' controls muted loop playsinline preload='metadata' width='{width}' "
+                    f"height='{height}' src='{_esc(src)}'></video>")
+        else:
+            body = "<p class='missing'>not made yet</p>"
+        parts.append(f"<figure class='chain' data-chain='{_esc(name)}'>{body}"
+                     f"<figcaption>chain {_esc(name)}: {ids}</figcaption></figure>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
 def render_page(rows: list[Any], lines: list[dict[str, Any]], media: dict[str, dict[str, str]],
-                info: BatchInfo, batch_sheet: str | None) -> str:
-    """The page; `media` maps each row id to {kind: src}."""
+                info: BatchInfo, batch_sheet: str | None, chains: str = "") -> str:
+    """The page; `media` maps each row id to {kind: src}; `chains` is the chains' section."""
     counts = {s: sum(1 for line in lines if line["state"] == s) for s in (DONE, FAILED)}
     parts = [
         "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
@@ -226,6 +264,8 @@ def render_page(rows: list[Any], lines: list[dict[str, Any]], media: dict[str, d
     if batch_sheet:
         parts.append(f"<h2>Contact sheet of the batch</h2><img class='contact-sheet batch' src='{_esc(batch_sheet)}' "
                      "alt='contact sheet of the batch'>")
+    if chains:
+        parts.append(chains)
     for row, line in zip(rows, lines):
         parts.append(_row_section(row, line, media[row.id], info))
     parts.append("</body></html>")
@@ -243,7 +283,7 @@ def build_gallery(out_dir: str | Path, rows: Iterable[Any], info: BatchInfo) -> 
         refs = {row.id: _row_media(row, results, media) for row in rows}
         batch = results / "contact_sheet.png"
         batch_ref = media.add_file(batch, "contact_sheet.png") if batch.is_file() else None
-        page = render_page(rows, lines, refs, info, batch_ref)
+        page = render_page(rows, lines, refs, info, batch_ref, _chains_section(rows, results, media))
         (tmp / INDEX).write_text(page, encoding="utf-8")
         if info.embed and len(page) > EMBED_WARN_BYTES:
             log.warning("%s is %.1f MB with its media embedded; Chromium refuses embedded pages above 2 MB "

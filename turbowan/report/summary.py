@@ -19,6 +19,7 @@ from typing import Iterable, Protocol
 
 from ..files.artifacts import atomic_path
 from ..layout import STAGES, Layout
+from ..loras import format_loras
 
 DONE, FAILED, MISSING = "done", "failed", "missing"
 SUMMARY_NAME = "summary.csv"
@@ -168,6 +169,11 @@ def row_summary(results: str | Path, row: RowLike) -> dict[str, object]:
         "prompt_tokens": prompt_tokens(results, row),
         "prompt_key": row.prompt_key,
         "prompt": row.prompt,
+        # the sheet's own cells (RowRef, read back from summary.csv, has none of them)
+        "image": getattr(row, "image", ""),
+        "last_image": getattr(row, "last_image", None) or "",
+        "chain": getattr(row, "chain", None) or "",
+        "loras": format_loras(getattr(row, "loras", ())),
     }
     for stage in STAGES:
         st = stages[stage]
@@ -192,7 +198,8 @@ def columns() -> list[str]:
     head = ["id", "state", "failed_stage", "error", "total_s", "video"]
     per_stage = [f"{stage}_{what}" for what in ("state", "s") for stage in STAGES]
     outputs = [f"{stage}_output" for stage in STAGES]
-    return head + per_stage + outputs + ["kernels", "prompt_tokens", "prompt_key", "prompt"]
+    return head + per_stage + outputs + ["kernels", "prompt_tokens", "prompt_key", "prompt", "image", "last_image",
+                                         "chain", "loras"]
 
 
 def build_summary(results: str | Path, rows: Iterable[RowLike]) -> list[dict[str, object]]:
@@ -201,7 +208,8 @@ def build_summary(results: str | Path, rows: Iterable[RowLike]) -> list[dict[str
 
 # Cells of free text (and paths, which hold ids and folder names) that a spreadsheet could take for a
 # formula; the numbers, states and stage names are the pipeline's own.
-TEXT_COLUMNS = frozenset({"id", "error", "video", "prompt", *(f"{stage}_output" for stage in STAGES)})
+TEXT_COLUMNS = frozenset({"id", "error", "video", "prompt", "image", "last_image", "chain", "loras",
+                          *(f"{stage}_output" for stage in STAGES)})
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 

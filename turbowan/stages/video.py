@@ -35,3 +35,37 @@ def encode_video_and_pictures(frames_dir: str, out: str, video: Mapping[str, Any
 
     encode_video(frames_dir, out, video, fps, quality)
     make_previews(out, sheet, prompt_key, contact_sheet_out, animation_out, row_id)
+
+
+def save_last_frame(frames_dir: str, out: str) -> None:
+    """The rule save_last_frame: a row's last decoded frame as its own PNG, kept (the frames are
+    temporary) for the rows that start or end on it (`@<id>` in their image cells)."""
+    from PIL import Image
+
+    from ..files.artifacts import atomic_path
+
+    files, _ = load_frames(frames_dir)
+    with Image.open(files[-1]) as frame, atomic_path(out) as tmp:
+        frame.save(tmp, format="PNG")
+    log.info("last frame of %s -> %s", frames_dir, out)
+
+
+def join_chain(frames_dirs: list[str], continues: list[bool], out: str, fps: int, quality: int) -> None:
+    """The rule join_chain: the frames of a chain's rows, in sheet order, as one H.264 mp4.
+
+    continues[i]: row i starts from row i-1's last frame (its image is `@<that row>`), so its own first
+    frame repeats that one and is left out; a row that does not is joined whole (a cut)."""
+    if len(frames_dirs) != len(continues):
+        raise ValueError(f"{len(frames_dirs)} frame folders but {len(continues)} continues flags")
+    files: list[Path] = []
+    size = None
+    for frames_dir, joined in zip(frames_dirs, continues):
+        row_files, info = load_frames(frames_dir)
+        if size is None:
+            size = (info["width"], info["height"])
+        elif (info["width"], info["height"]) != size:
+            raise ArtifactError(f"{frames_dir}: frames of {info['width']}x{info['height']}, but the chain's first "
+                                f"row has {size[0]}x{size[1]}")
+        files += row_files[1:] if joined and files else row_files
+    write_mp4(files, out, size[0], size[1], int(fps), int(quality))
+    log.info("wrote %s: %d frames of %d rows at %d fps", Path(out), len(files), len(frames_dirs), fps)
