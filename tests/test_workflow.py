@@ -254,3 +254,22 @@ def test_a_prompt_longer_than_umt5_reads_is_named_before_any_job(tmp_path, demo_
                         out.stdout + out.stderr)
     assert warning and int(warning[1]) > 700, (out.stdout + out.stderr)[-2000:]
     assert "row 'short'" not in out.stdout + out.stderr
+
+
+def test_bad_chained_cells_fail_before_any_job_and_create_nothing(tmp_path):
+    """A missing last_image, @unknown, a cycle and a LoRA scale that is no number, each named by row
+    and column, all at once. (An unknown LoRA name is checked once the sheet reads: test_lora.)"""
+    sheet = ("id,image,last_image,prompt,num_frames,width,height,loras,chain\n"
+             "a,images/harbour.png,images/gone.png,one,5,32,32,,walk\n"
+             "b,@nobody,,two,5,32,32,,walk\n"
+             "c,@d,,three,5,32,32,,\n"
+             "d,@c,,four,5,32,32,,\n"
+             "f,images/harbour.png,,six,5,32,32,demo:lots,\n")
+    out = snakemake(make_workdir(tmp_path, sheet), check=False)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "id 'a'), column 'last_image': 'images/gone.png' does not exist" in text
+    assert "id 'b'), column 'image': '@nobody' names no row of the sheet" in text
+    assert "id 'd'), column 'image': '@c' closes a cycle of rows" in text and "c -> d -> c" in text
+    assert "id 'f'), column 'loras'" in text and "is not a number" in text
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
