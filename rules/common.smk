@@ -16,7 +16,7 @@ from turbowan.files.modelfiles import plan_models  # noqa: E402
 from turbowan.layout import Layout, row_reference  # noqa: E402
 from turbowan.loras import grouped_positions, plan_loras  # noqa: E402
 from turbowan.sheet import (  # noqa: E402
-    SheetError, chains, continues, load_schema, long_prompt_warnings, prompt_token_counts, read_rows,
+    SheetError, chain_depths, chains, continues, load_schema, long_prompt_warnings, prompt_token_counts, read_rows,
 )
 
 LAYOUT = Layout(config["results"])
@@ -71,17 +71,7 @@ CHAIN_POSITION = {name: POSITION[members[-1].id] for name, members in CHAINS.ite
 # with (its `parent_groupids`, which it fills itself for a group name with wildcards); the depths'
 # groups are declared here as the stage's, so the profile's counts apply to every depth.
 # (Ignored when running locally: Snakemake uses groups on clusters only.)
-DEPTH = {}
-
-
-def row_depth(row_id):
-    if row_id not in DEPTH:
-        DEPTH[row_id] = 1 + max((row_depth(ref) for ref in ROWS[row_id].references().values()), default=-1)
-    return DEPTH[row_id]
-
-
-for _row_id in ROWS:
-    row_depth(_row_id)
+DEPTH = chain_depths(ROWS.values())
 
 
 def model_group(stage):

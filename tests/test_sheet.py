@@ -313,3 +313,17 @@ def test_a_file_whose_name_starts_with_at_is_written_with_its_folder(sheet_dir):
 def test_chains_is_a_name_no_row_may_take(sheet_dir):
     found = problems(sheet_dir, "id,image,prompt\nchains,img/a.png,x\n")
     assert "column 'id'" in found[0] and "batch's own files or folders" in found[0]
+
+
+def test_a_chain_of_thousands_of_rows_is_read_without_deep_recursion(sheet_dir):
+    from turbowan.sheet import chain_depths, continues
+
+    links = 3000  # (recursion would stop near 1000)
+    lines = ["a0,img/a.png,,x,32,48,long"] + [f"a{i},@a{i - 1},,x,,,long" for i in range(1, links)]
+    rows = read(sheet_dir, CHAIN_HEADER + "\n".join(reversed(lines)) + "\n")  # every row before the one it needs
+    assert {(row.width, row.height) for row in rows} == {(32, 48)}
+    depths = chain_depths(rows)
+    assert depths["a0"] == 0 and depths[f"a{links - 1}"] == links - 1
+    assert continues(rows) == [False] * links  # in sheet order each row comes before the one it continues
+    loop = problems(sheet_dir, CHAIN_HEADER + "\n".join([f"a{i},@a{(i + 1) % links},,x,,," for i in range(links)]) + "\n")
+    assert len(loop) == 1 and "closes a cycle of rows" in loop[0] and loop[0].count(" -> ") == links

@@ -285,55 +285,63 @@ def _reference_problems(drafts: Mapping[str, _Draft], ids: set[str]) -> list[str
             if ref not in ids:
                 problems.append(f"{draft.where}, column '{column}': '@{ref}' names no row of the sheet "
                                 "(an image file whose name starts with '@' is written ./@name)")
-    state: dict[str, int] = {}  # 1: on the path being followed, 2: done
-
-    def follow(row_id: str, path: list[str]) -> None:
-        state[row_id] = 1
-        path.append(row_id)
-        for column, ref in _references(drafts[row_id]).items():
-            if ref not in drafts:
-                continue
-            if state.get(ref) == 1:
-                cycle = path[path.index(ref):] + [ref]
-                problems.append(f"{drafts[row_id].where}, column '{column}': '@{ref}' closes a cycle of rows, "
-                                f"each starting from the next one's frames: {' -> '.join(cycle)}")
-            elif ref not in state:
-                follow(ref, path)
-        path.pop()
-        state[row_id] = 2
-
-    for row_id in drafts:
-        if row_id not in state:
-            follow(row_id, [])
+    graph = {row_id: [ref for ref in _references(draft).values() if ref in drafts] for row_id, draft in drafts.items()}
+    for cycle in reference_order(graph)[1]:
+        row_id, ref = cycle[-2], cycle[-1]
+        column = next(c for c, r in _references(drafts[row_id]).items() if r == ref)
+        problems.append(f"{drafts[row_id].where}, column '{column}': '@{ref}' closes a cycle of rows, "
+                        f"each starting from the next one's frames: {' -> '.join(cycle)}")
     return problems
+
+
+def reference_order(graph: Mapping[str, Iterable[str]]) -> tuple[list[str], list[list[str]]]:
+    """(every id after the ids it refers to, the cycles: each a path that ends where it starts).
+    Iterative, so a chain of thousands of rows is no deeper a recursion than one row."""
+    order: list[str] = []
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the path being followed, 2: done
+    for start in graph:
+        if start in state:
+            continue
+        path, stack = [start], [iter(graph[start])]
+        state[start] = 1
+        while stack:
+            ref = next(stack[-1], None)
+            if ref is None:  # every reference of path[-1] followed
+                state[path[-1]] = 2
+                order.append(path.pop())
+                stack.pop()
+            elif state.get(ref) == 1:
+                cycles.append(path[path.index(ref):] + [ref])
+            elif ref not in state:
+                state[ref] = 1
+                path.append(ref)
+                stack.append(iter(graph[ref]))
+    return order, cycles
 
 
 def _sized_rows(drafts: Mapping[str, _Draft], problems: list[str]) -> list[Row]:
     """The Rows in sheet order, each sized after the row it starts from; a row that starts from a row
     with problems, or from a cycle (_reference_problems names both), is left out."""
-    rows: dict[str, Row | None] = {}
-
-    def build(row_id: str) -> Row | None:
-        if row_id in rows:
-            return rows[row_id]
-        rows[row_id] = None  # until built: a cycle back to this row finds None
+    graph = {row_id: [ref for ref in _references(draft).values() if ref in drafts] for row_id, draft in drafts.items()}
+    order, cycles = reference_order(graph)
+    in_cycles = {row_id for cycle in cycles for row_id in cycle}
+    rows: dict[str, Row] = {}
+    for row_id in order:
         draft, values = drafts[row_id], drafts[row_id].values
-        size = draft.size
+        if row_id in in_cycles or any(ref not in rows for ref in _references(draft).values()):
+            continue
         ref = row_reference(draft.images["image"])
-        if ref is not None:
-            source = build(ref) if ref in drafts else None
-            if source is None:
-                return None
-            if values.get("width") is None:  # a part of a longer video: the size of the part before
-                values = dict(values, width=source.width, height=source.height)
+        if ref is not None and values.get("width") is None:  # a part of a longer video: the size of the part before
+            values = dict(values, width=rows[ref].width, height=rows[ref].height)
         width, height = choose_size(
             values["resolution"], values["aspect_ratio"], bool(values.get("adaptive")),
-            values.get("width"), values.get("height"), size,
+            values.get("width"), values.get("height"), draft.size,
         )
         reason = size_problem(width, height)
         if reason:
             problems.append(f"{draft.where}, column 'width/height': the chosen size {width}x{height}: {reason}")
-            return None
+            continue
         rows[row_id] = Row(
             id=row_id, image=draft.images["image"], prompt=values["prompt"], seed=values["seed"],
             num_frames=values["num_frames"], width=width, height=height, num_steps=values["num_steps"],
@@ -341,10 +349,17 @@ def _sized_rows(drafts: Mapping[str, _Draft], problems: list[str]) -> list[Row]:
             line=draft.line, loras=values.get("loras", ()), last_image=draft.images.get("last_image"),
             chain=values.get("chain"),
         )
-        return rows[row_id]
+    return [rows[row_id] for row_id in drafts if row_id in rows]
 
-    built = [build(row_id) for row_id in drafts]
-    return [row for row in built if row is not None]
+
+def chain_depths(rows: Iterable[Row]) -> dict[str, int]:
+    """{row id: 0 when the row starts from pictures, else one more than the deepest row it starts or
+    ends on}. Rows of one depth never wait for each other."""
+    rows = {row.id: row for row in rows}
+    depths: dict[str, int] = {}
+    for row_id in reference_order({row_id: list(row.references().values()) for row_id, row in rows.items()})[0]:
+        depths[row_id] = 1 + max((depths[ref] for ref in rows[row_id].references().values()), default=-1)
+    return depths
 
 
 def chains(rows: Iterable[Row]) -> dict[str, list[Row]]:
