@@ -166,3 +166,29 @@ def test_a_block_at_720p_stays_under_the_memory_bounds(tmp_path):
     assert peaks[8] <= 6.5 and peaks[8] < peaks[1]
     rel = ((outs[8].float() - outs[1].float()).norm() / outs[1].float().norm()).item()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.slow
+def test_the_demo_sheet_runs_on_cuda_lora_last_image_and_chain_included(tmp_path):
+    """The demo batch (a LoRA row, a row that continues another and ends on a picture, their chain)
+    through Snakemake with the card's worker."""
+    import yaml
+
+    from turbowan.files.artifacts import read_record
+    from turbowan.files.video import count_frames
+    from turbowan.report.summary import read_summary
+
+    from .conftest import REPO, make_workdir, snakemake
+
+    folder = make_workdir(tmp_path, (REPO / "config" / "demo" / "sheet.csv").read_text(encoding="utf-8"))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["device"] = "cuda"
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(folder, "--cores", "2", "--resources", "gpu=1")
+    results = folder / "results"
+    assert {line["id"]: line["state"] for line in read_summary(results)} == {
+        "harbour": "done", "harbour-2": "done", "portrait-1": "done", "cafe.night": "done"}
+    assert count_frames(results / "chains" / "harbour.mp4") == 81 + 81 - 1
+    cond = read_record(results / "harbour-2" / "cond.safetensors")
+    assert cond["params"]["device_type"] == "cuda" and "last_image" in cond["inputs"]
+    assert cond["inputs"]["image"]["path"].endswith("harbour/last_frame.png")
