@@ -177,7 +177,8 @@ def snapshot(folder: Path) -> dict[str, tuple]:
 
 
 def jobs_run(output: str) -> list[str]:
-    """The rules of the jobs a Snakemake run started, in order, from its output."""
+    """The rules of the jobs a Snakemake run started (or a dry run plans), in order, from its output.
+    (A dry run shows a model job inside its group, indented: the rules name groups for clusters.)"""
     import re
 
-    return re.findall(r"^(?:local)?rule (\w+):$", output, re.M)
+    return re.findall(r"^ *(?:local)?rule (\w+):$", output, re.M)

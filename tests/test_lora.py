@@ -469,8 +469,8 @@ def test_workflow_with_loras_reruns_only_the_row_whose_scale_changed(tmp_path):
     assert "Nothing to be done" in out.stdout + out.stderr
     (folder / "sheet.csv").write_text(LORA_SHEET.replace("A kite,3,5,32,32,3,demo:1", "A kite,3,5,32,32,3,demo:0.25"))
     out = snakemake(folder, "-n")
-    jobs = re.findall(r"^rule (sample_high|sample_low|decode|encode_video|encode_image|encode_prompt):\n"
-                      r"(?:    .*\n)*?    wildcards: id=(\S+)", out.stdout, re.M)
+    jobs = re.findall(r"^ *rule (sample_high|sample_low|decode|encode_video|encode_image|encode_prompt):\n"
+                      r"(?: +.*\n)*? +wildcards: id=(\S+)", out.stdout, re.M)
     assert sorted(set(jobs)) == [("decode", "kite"), ("encode_video", "kite"), ("sample_high", "kite"),
                                  ("sample_low", "kite")]
     assert "sample_high" in jobs_run(out.stdout)
@@ -478,6 +478,6 @@ def test_workflow_with_loras_reruns_only_the_row_whose_scale_changed(tmp_path):
     (folder / "sheet.csv").write_text(LORA_SHEET)
     make_lora(folder / "resources/demo-models/demo_lora_high.safetensors", 99)
     out = snakemake(folder, "-n")
-    jobs = re.findall(r"^rule (sample_high|sample_low):\n(?:    .*\n)*?    wildcards: id=(\S+)", out.stdout, re.M)
+    jobs = re.findall(r"^ *rule (sample_high|sample_low):\n(?: +.*\n)*? +wildcards: id=(\S+)", out.stdout, re.M)
     assert sorted(set(jobs)) == [("sample_high", "boat"), ("sample_high", "kite"), ("sample_low", "boat"),
                                  ("sample_low", "kite")]

@@ -19,8 +19,8 @@ from .conftest import REPO, SHEET, alive, file_ids, jobs_run, make_workdir, snak
 pytestmark = pytest.mark.slow
 
 STATIC_RULES = {"all", "encode_prompt", "encode_image", "sample_high", "sample_low", "decode",
-                "encode_video", "batch_contact_sheet", "gallery", "make_demo_models", "prepare_models",
-                "download_models"}
+                "encode_video", "save_last_frame", "join_chain", "batch_contact_sheet", "gallery",
+                "make_demo_models", "prepare_models", "download_models"}
 
 
 def test_every_row_gets_its_video_from_one_job_per_row_and_stage(finished):
