@@ -124,7 +124,7 @@ def row_sources(wildcards):
     temporary frames whenever they are decoded again (an mp4 or a chain video remade), the same
     picture in a new file: so the frame is an ancient() input, which reruns nothing by its date, and
     the latent it comes from is the input that reruns this row when that row's result changes."""
-    return [LAYOUT.latent(ref) for ref in ROWS[wildcards.id].references().values()]
+    return [LAYOUT.latent(ref) for ref in dict.fromkeys(ROWS[wildcards.id].references().values())]
 
 
 @of_wildcards
