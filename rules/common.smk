@@ -42,13 +42,21 @@ wildcard_constraints:
     chain="[A-Za-z0-9_-][A-Za-z0-9._-]*",
 
 
+# A row's depth: 0 when it starts from pictures, else one more than the deepest row it starts or ends
+# on (`@<id>`). Rows of one depth never wait for each other: the waves and the cluster groups use it.
+DEPTH = chain_depths(ROWS.values())
+
+
 # Waves: the sheet's rows, `wave_rows` at a time. Every job of a wave outranks every job of the
 # next; within a wave the stages run in order, and within a stage the rows in sheet order. So one
 # GPU runs a wave's text and image encodings, then all its high-noise steps (one expert loaded),
 # then all its low-noise steps, then its decodes and mp4s, before the next wave starts: few model
-# loads, and videos as the batch goes.
+# loads, and videos as the batch goes. Rows that start from other rows come after all the rows of
+# lesser depth: a sheet of chains listed one after another runs every chain's first part, then
+# every second part, ..., rather than part after part of one chain, an expert swap at each.
 WAVE_ROWS = config["wave_rows"]
-POSITION = {row_id: number for number, row_id in enumerate(ROWS)}
+ORDER = sorted(ROWS, key=lambda row_id: DEPTH[row_id])  # (a stable sort: sheet order within a depth)
+POSITION = {row_id: number for number, row_id in enumerate(ORDER)}
 PROMPT_POSITION = {}
 for _row in ROWS.values():
     PROMPT_POSITION.setdefault(_row.prompt_key, POSITION[_row.id])
@@ -57,23 +65,19 @@ STAGE_RANK = {"encode_prompt": 5, "encode_image": 4, "sample_high": 3, "sample_l
 RANKS = max(STAGE_RANK.values()) + 1
 WAVES = len(ROWS) // WAVE_ROWS + 1
 
-# Chains: rows with one `chain` name, in sheet order, joined into one video (rule join_chain); a chain
-# ends with the wave of its last row. A row that starts from another's last frame (`@<id>`) waits for
-# that row's decode, which the DAG says; the priorities need not.
+# Chains: rows with one `chain` name, in sheet order, joined into one video (rule join_chain), in the
+# wave of its deepest row.
 CHAINS = chains(ROWS.values())  # name -> its rows, in sheet order
-CHAIN_POSITION = {name: POSITION[members[-1].id] for name, members in CHAINS.items()}
+CHAIN_POSITION = {name: max(POSITION[row.id] for row in members) for name, members in CHAINS.items()}
 
-# A row's depth: 0 when it starts from pictures, else one more than the deepest row it starts or ends
-# on (`@<id>`). Cluster profiles bundle the rows of a model stage into group jobs (`group-components`
-# in profiles/slurm); a group job that held a row and a row that starts from it would wait on itself
+
+# Cluster profiles bundle the rows of a model stage into group jobs (`group-components` in
+# profiles/slurm). A group job that held a row and a row that starts from it would wait on itself
 # (Snakemake refuses such a DAG), so each depth is a group of its own: `sample_high`, then
-# `sample_high.1`, ... Snakemake looks up `group-components` under the name a group was declared
-# with (its `parent_groupids`, which it fills itself for a group name with wildcards); the depths'
-# groups are declared here as the stage's, so the profile's counts apply to every depth.
-# (Ignored when running locally: Snakemake uses groups on clusters only.)
-DEPTH = chain_depths(ROWS.values())
-
-
+# `sample_high.1`, ... Snakemake looks `group-components` up under the name a group was declared with
+# (its `parent_groupids`, which it fills itself for group names with wildcards); the depths' groups
+# are declared here as the stage's, so the profile's counts apply to every depth. (Snakemake uses
+# groups on clusters only; a local dry run shows them.)
 def model_group(stage):
     """A model rule's `group:`, per row: its stage, and its depth when it starts from another row."""
     for depth in set(DEPTH.values()) - {0}:
@@ -214,6 +218,6 @@ if LORA_PLAN.problems:
     raise WorkflowError("LoRAs (the config's `loras`, the sheet's `loras` column); nothing was run:\n  "
                         + "\n  ".join(LORA_PLAN.problems))
 STAGE_POSITION = {
-    f"sample_{expert}": grouped_positions(list(ROWS), lambda row_id, e=expert: LORA_PLAN.key(row_id, e), WAVE_ROWS)
+    f"sample_{expert}": grouped_positions(ORDER, lambda row_id, e=expert: LORA_PLAN.key(row_id, e), WAVE_ROWS)
     for expert in ("high", "low")
 }

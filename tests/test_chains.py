@@ -150,3 +150,22 @@ def test_turbowan_check_finds_a_damaged_last_frame_and_chain_video(tmp_path):
     found = {str(damage.path.relative_to(results)): damage.problem for damage in find_damage(results, rows)}
     assert set(found) == {"A/last_frame.png", "chains/walk.mp4"}, found
     assert "not a complete PNG" in found["A/last_frame.png"] and "has 10 frames, expected 9" in found["chains/walk.mp4"]
+
+
+@pytest.mark.slow
+def test_chains_listed_one_after_another_run_part_by_part_across_chains(tmp_path):
+    """Waves go by depth: both chains' first parts, then both second parts, ..., so one card keeps an
+    expert for a wave's high-noise steps instead of swapping at every part of one chain."""
+    import yaml
+
+    sheet = "id,image,prompt,seed,num_frames,width,height,num_steps,chain\n" + "".join(
+        f"{chain}{part},{'images/harbour.png' if part == 1 else f'@{chain}{part - 1}'},{chain} part {part},{part},5,32,32,2,{chain}\n"
+        for chain in ("x", "y") for part in (1, 2, 3))
+    folder = make_workdir(tmp_path, sheet)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["wave_rows"] = 2
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(folder)
+    sampling = [rule for rule in jobs_run(run.stdout + run.stderr) if rule.startswith("sample_")]
+    assert sampling == ["sample_high", "sample_high", "sample_low", "sample_low"] * 3, sampling
+    assert count_frames(folder / "results" / "chains" / "x.mp4") == count_frames(folder / "results" / "chains" / "y.mp4") == 13
