@@ -63,8 +63,7 @@ class Row:
 
     def references(self) -> dict[str, str]:
         """{column: row id} for the image cells that name another row (`@<id>`)."""
-        return {column: ref for column in IMAGE_COLUMNS
-                if (ref := row_reference(getattr(self, column))) is not None}
+        return image_references({column: getattr(self, column) for column in IMAGE_COLUMNS})
 
     @property
     def prompt_key(self) -> str:
@@ -80,6 +79,11 @@ class Row:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def image_references(images: Mapping[str, str | None]) -> dict[str, str]:
+    """{column: row id} for the cells of `images` ({column: cell}) that name another row (`@<id>`)."""
+    return {column: ref for column, cell in images.items() if (ref := row_reference(cell)) is not None}
 
 
 def _convert(column: str, text: str) -> Any:
@@ -221,8 +225,8 @@ def read_rows(
                 if column == "image" and column not in bad:
                     problem("image", "is empty")
                 continue
-            if row_reference(cell) is not None:
-                images[column] = "@" + row_reference(cell)
+            if (ref := row_reference(cell)) is not None:
+                images[column] = "@" + ref
                 continue
             # relative to the sheet; kept relative when the sheet's path is, so a moved batch
             # folder does not look like a changed input
@@ -254,8 +258,10 @@ def read_rows(
             continue
         drafts[row_id] = _Draft(where, line, values, images, size)
 
-    problems += _reference_problems(drafts, set(seen))
-    rows = _sized_rows(drafts, problems)
+    graph = {row_id: [ref for ref in _references(draft).values() if ref in drafts] for row_id, draft in drafts.items()}
+    order, cycles = reference_order(graph)
+    problems += _reference_problems(drafts, set(seen), cycles)
+    rows = _sized_rows(drafts, order, cycles, problems)
     problems += _chain_problems(rows, drafts)
     if problems:
         raise SheetError(path, problems)
@@ -274,19 +280,19 @@ class _Draft:
 
 
 def _references(draft: _Draft) -> dict[str, str]:
-    return {column: ref for column, cell in draft.images.items() if (ref := row_reference(cell)) is not None}
+    return image_references(draft.images)
 
 
-def _reference_problems(drafts: Mapping[str, _Draft], ids: set[str]) -> list[str]:
-    """`@<id>` cells that name no row of the sheet, and rows that reach themselves through them."""
+def _reference_problems(drafts: Mapping[str, _Draft], ids: set[str], cycles: list[list[str]]) -> list[str]:
+    """`@<id>` cells that name no row of the sheet, and the `cycles` of rows that reach themselves
+    through them (reference_order's)."""
     problems = []
     for draft in drafts.values():
         for column, ref in _references(draft).items():
             if ref not in ids:
                 problems.append(f"{draft.where}, column '{column}': '@{ref}' names no row of the sheet "
                                 "(an image file whose name starts with '@' is written ./@name)")
-    graph = {row_id: [ref for ref in _references(draft).values() if ref in drafts] for row_id, draft in drafts.items()}
-    for cycle in reference_order(graph)[1]:
+    for cycle in cycles:
         row_id, ref = cycle[-2], cycle[-1]
         column = next(c for c, r in _references(drafts[row_id]).items() if r == ref)
         problems.append(f"{drafts[row_id].where}, column '{column}': '@{ref}' closes a cycle of rows, "
@@ -320,11 +326,11 @@ def reference_order(graph: Mapping[str, Iterable[str]]) -> tuple[list[str], list
     return order, cycles
 
 
-def _sized_rows(drafts: Mapping[str, _Draft], problems: list[str]) -> list[Row]:
-    """The Rows in sheet order, each sized after the row it starts from; a row that starts from a row
-    with problems, or from a cycle (_reference_problems names both), is left out."""
-    graph = {row_id: [ref for ref in _references(draft).values() if ref in drafts] for row_id, draft in drafts.items()}
-    order, cycles = reference_order(graph)
+def _sized_rows(drafts: Mapping[str, _Draft], order: list[str], cycles: list[list[str]],
+                problems: list[str]) -> list[Row]:
+    """The Rows in sheet order, each sized after the row it starts from (`order`: reference_order's);
+    a row that starts from a row with problems, or from a cycle (_reference_problems names both), is
+    left out."""
     in_cycles = {row_id for cycle in cycles for row_id in cycle}
     rows: dict[str, Row] = {}
     for row_id in order:

@@ -3,8 +3,8 @@
 Snakemake's report viewer offers an mp4 only as a download, so the report carries this folder
 (`report(directory(...), htmlindex="index.html")`): the summary table, then per row the input
 image (and last image), the prompt, the parameters, stage timings, an HTML5 <video> player, the
-animated preview and the contact sheet, or the error of a failed row; and each chain's joined video. It is built from whatever exists, so it can
-be made after a batch where rows failed.
+animated preview and the contact sheet, or the error of a failed row; and each chain's joined video.
+It is built from whatever exists, so it can be made after a batch where rows failed.
 """
 
 from __future__ import annotations
@@ -245,8 +245,8 @@ def _chains_section(rows: list[Any], results: Path, media: Media) -> str:
 
 
 def render_page(rows: list[Any], lines: list[dict[str, Any]], media: dict[str, dict[str, str]],
-                info: BatchInfo, batch_sheet: str | None, chains: str = "") -> str:
-    """The page; `media` maps each row id to {kind: src}; `chains` is the chains' section."""
+                info: BatchInfo, batch_sheet: str | None, chains_section: str = "") -> str:
+    """The page; `media` maps each row id to {kind: src}; `chains_section` is _chains_section's."""
     counts = {s: sum(1 for line in lines if line["state"] == s) for s in (DONE, FAILED)}
     parts = [
         "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
@@ -264,8 +264,8 @@ def render_page(rows: list[Any], lines: list[dict[str, Any]], media: dict[str, d
     if batch_sheet:
         parts.append(f"<h2>Contact sheet of the batch</h2><img class='contact-sheet batch' src='{_esc(batch_sheet)}' "
                      "alt='contact sheet of the batch'>")
-    if chains:
-        parts.append(chains)
+    if chains_section:
+        parts.append(chains_section)
     for row, line in zip(rows, lines):
         parts.append(_row_section(row, line, media[row.id], info))
     parts.append("</body></html>")

@@ -28,5 +28,7 @@ def encode_image(image: str, vae: str, out: str, video: Mapping[str, Any], devic
                                 lambda m: encode_condition(m, first, video["num_frames"], last))
     log.info("image %s%s -> y %s", image, "" if last_image is None else f", last image {last_image}", list(y.shape))
     ctx.check()
-    inputs = {"image": image, "vae": vae} if last_image is None else {"image": image, "last_image": last_image, "vae": vae}
+    inputs = {"image": image, "vae": vae}
+    if last_image is not None:  # (named only when given: a row without keeps its record, byte for byte)
+        inputs["last_image"] = last_image
     save_artifact(out, {"y": y}, stage="encode_image", params=params, inputs=inputs)
